@@ -1,0 +1,47 @@
+"""The `mlm-pretrain` command: one parser, one subcommand module per command.
+
+Subcommand modules import heavy libraries (torch, transformers) inside `run`, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from mlm_pretrain import __version__
+from mlm_pretrain.errors import InputError
+
+SUBCOMMANDS = ["tokenizer", "pack", "demo", "push", "finetune"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlm-pretrain",
+        description="Train a tokenizer, stream and pack a corpus, pretrain an encoder (MLM or word2vec), "
+        "fine-tune it on GLUE-style tasks and push it to the Hugging Face Hub.",
+    )
+    parser.add_argument("--version", action="version", version=f"mlm-pretrain {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMANDS:
+        importlib.import_module(f"mlm_pretrain.cli.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return args.run(args) or 0
+    except InputError as err:
+        print(f"mlm-pretrain {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mlm-pretrain {args.command}: interrupted", file=sys.stderr)
+        return 130

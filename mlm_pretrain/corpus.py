@@ -1,0 +1,490 @@
+"""The streaming corpus: documents from files, directories, globs and Hub datasets, resumable.
+
+`TextStream` yields documents (str) from one or more sources, interleaved by weight, for as many
+epochs as asked. Nothing is loaded whole and nothing is cached on disk: files are read line by line
+(or batch by batch for Parquet), and the reader position is a byte offset (a row index for Parquet),
+so `load_state_dict` seeks straight to it instead of re-reading what came before. The one exception is
+gzip, which cannot seek: restoring a `.gz` position decompresses up to it (about 1 s per 300 MB of
+text), but neither parses nor tokenizes it.
+
+What bad input does (docs/corpus.md lists the same):
+
+stops the run with an `InputError` naming the file (and line)
+    a missing path or a glob that matches nothing, an unsupported file type, a truncated or corrupt
+    `.gz`, a Parquet/CSV file without the text field, a JSONL file whose first records all lack it,
+    a source with no text at all.
+skipped, counted in `stats` and logged (the first few with file and line)
+    an empty file, a malformed JSONL line, a JSONL record without the text field (or with a non-string
+    one), a JSONL line longer than `max_line_bytes`.
+repaired, counted
+    invalid UTF-8 (decoded with U+FFFD replacements), a text line longer than `max_line_bytes`
+    (cut at whitespace into several documents, so memory stays bounded), CRLF line ends and a UTF-8
+    BOM (stripped silently).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import io
+import json
+import logging
+import os
+import zlib
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mlm_pretrain.errors import InputError
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet", ".csv", ".tsv")
+HUB_PREFIX = "hf:"
+WARNINGS_PER_KIND = 5  # log the first few occurrences of each kind of bad input, count the rest
+FIELD_PROBE = 100  # a JSONL file whose first FIELD_PROBE records all lack the field is an error
+PACKAGE_DATA = Path(__file__).parent / "data"
+# the small public-domain corpus shipped in the package, so the default job and tests run anywhere
+ALIASES = {
+    "@sample": str(PACKAGE_DATA / "corpus"),  # Austen (Emma) and Moby Dick, 1.8 MB of text
+    "@sample-validation": str(PACKAGE_DATA / "validation.jsonl"),  # held-out paragraphs of the same books
+}
+
+
+@dataclass
+class Source:
+    """One corpus source: local paths (files, directories, globs) or a Hub dataset `hf:NAME[:CONFIG]`."""
+
+    path: str
+    weight: float = 1.0
+    text_field: str = "text"
+    split: str = "train"  # Hub datasets only
+
+    def __post_init__(self) -> None:
+        self.path = ALIASES.get(self.path, self.path)
+
+    @property
+    def is_hub(self) -> bool:
+        return self.path.startswith(HUB_PREFIX)
+
+
+def as_sources(
+    specs: Sequence[str | Source | dict], weights: Sequence[float] | None = None, text_field: str = "text"
+) -> list[Source]:
+    """Normalise paths, `Source`s or recipe dicts (`{path, weight, text_field, split}`) to `Source`s."""
+    if weights is not None and len(weights) != len(specs):
+        raise InputError(f"{len(weights)} corpus weights given for {len(specs)} corpus sources")
+    sources = []
+    for i, spec in enumerate(specs):
+        if isinstance(spec, Source):
+            source = spec
+        elif isinstance(spec, dict):
+            unknown = set(spec) - {"path", "weight", "text_field", "split"}
+            if unknown or "path" not in spec:
+                raise InputError(
+                    f"corpus source {spec}: needs `path`; optional keys weight, text_field, split"
+                    + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else "")
+                )
+            source = Source(**{"text_field": text_field, **spec})
+        else:
+            source = Source(str(spec), text_field=text_field)
+        if weights is not None:
+            source.weight = float(weights[i])
+        if source.weight <= 0:
+            raise InputError(f"corpus source {source.path}: weight must be > 0, got {source.weight}")
+        sources.append(source)
+    if not sources:
+        raise InputError("no corpus source given")
+    return sources
+
+
+def expand_paths(path: str) -> list[Path]:
+    """The files a path names: itself, the supported files under a directory, or a glob's matches."""
+    if any(ch in path for ch in "*?["):
+        matches = sorted(Path(p) for p in glob.glob(path, recursive=True) if Path(p).is_file())
+        if not matches:
+            raise InputError(f"corpus glob matches no file: {path}")
+        files = matches
+    elif os.path.isdir(path):
+        files = sorted(p for p in Path(path).rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
+        if not files:
+            raise InputError(f"corpus directory holds no {'/'.join(SUFFIXES)} file: {path}")
+    elif os.path.isfile(path):
+        files = [Path(path)]
+    else:
+        raise InputError(f"corpus path not found: {path}")
+    for file in files:
+        if not file.name.endswith(SUFFIXES):
+            raise InputError(f"{file}: unsupported corpus file type; supported: {', '.join(SUFFIXES)}")
+    return files
+
+
+@dataclass
+class _Position:
+    """Where a source's reader stands: the epoch, the file (in that epoch's order) and the offset in it."""
+
+    epoch: int = 0
+    file: int = 0
+    offset: int = 0  # bytes for text formats, rows for Parquet, the Hub dataset's own state otherwise
+    line: int = 0
+    hub_state: dict | None = None
+    done: bool = False
+
+
+class _FileReader:
+    """Reads the documents of one file from a position; `self.offset`/`self.line` point past the last one."""
+
+    def __init__(self, path: Path, text_field: str, max_line_bytes: int, stats: Counter):
+        self.path, self.text_field, self.max_line_bytes, self.stats = path, text_field, max_line_bytes, stats
+        self.offset = 0
+        self.line = 0
+        name = path.name
+        self.kind = (
+            "jsonl"
+            if name.endswith((".jsonl", ".jsonl.gz"))
+            else "parquet"
+            if name.endswith(".parquet")
+            else "csv"
+            if name.endswith((".csv", ".tsv"))
+            else "txt"
+        )
+
+    def warn(self, kind: str, message: str) -> None:
+        self.stats[kind] += 1
+        if self.stats[kind] <= WARNINGS_PER_KIND:
+            log.warning(
+                "%s:%d: %s%s",
+                self.path,
+                self.line,
+                message,
+                " (further ones are counted, not logged)" if self.stats[kind] == WARNINGS_PER_KIND else "",
+            )
+
+    def documents(self, offset: int, line: int) -> Iterator[str]:
+        self.offset, self.line = offset, line
+        if self.kind == "parquet":
+            yield from self._parquet(offset)
+            return
+        try:
+            with gzip.open(self.path, "rb") if self.path.name.endswith(".gz") else open(self.path, "rb") as f:
+                if offset:
+                    f.seek(offset)
+                if self.kind == "txt":
+                    yield from self._text(f)
+                elif self.kind == "jsonl":
+                    yield from self._jsonl(f)
+                else:
+                    yield from self._csv(f, offset)
+        except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+            raise InputError(
+                f"{self.path}: truncated or corrupt gzip data after line {self.line} ({err})"
+            ) from err
+
+    def _lines(self, f: io.BufferedIOBase) -> Iterator[tuple[bytes, bool]]:
+        """(line without its line end, whether it is whole), a line longer than `max_line_bytes` coming
+        in pieces cut at whitespace, so memory stays bounded whatever the file holds.
+
+        After a piece, `self.offset` points at the start of the rest (the carry), so a reader restarted
+        there reads exactly the bytes this one would have read next.
+        """
+        carry = b""
+        while True:
+            chunk = f.readline(self.max_line_bytes - len(carry))
+            if not chunk:
+                if carry:
+                    yield carry, True
+                return
+            data = carry + chunk  # it starts at self.offset in the file
+            if data.endswith(b"\n") or len(data) < self.max_line_bytes:
+                carry = b""
+                self.offset += len(data)
+                self.line += 1
+                if self.line == 1 and data.startswith(b"\xef\xbb\xbf"):
+                    data = data[3:]
+                yield data.rstrip(b"\r\n"), True
+                continue
+            cut = max(data.rfind(b" "), data.rfind(b"\t"))
+            if cut <= 0:
+                cut = _utf8_safe_cut(data)
+            data, carry = data[:cut], data[cut:]
+            self.offset += cut
+            yield data, False
+
+    def _decode(self, raw: bytes) -> str:
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            self.warn("invalid_utf8_lines", f"invalid UTF-8 ({err.reason} at byte {err.start}); replaced")
+            return raw.decode("utf-8", errors="replace")
+
+    def _text(self, f: io.BufferedIOBase) -> Iterator[str]:
+        for raw, whole in self._lines(f):
+            if not whole:
+                self.stats["long_lines_split"] += 1
+            if raw.strip():
+                yield self._decode(raw)
+
+    def _jsonl(self, f: io.BufferedIOBase) -> Iterator[str]:
+        found = missing = 0
+        in_oversized = False  # the pieces of a record too long to hold are skipped, up to its line end
+        for raw, whole in self._lines(f):
+            if in_oversized or not whole:
+                if not in_oversized:
+                    self.warn(
+                        "oversized_records", f"JSON line longer than {self.max_line_bytes} bytes; skipped"
+                    )
+                in_oversized = not whole
+                continue
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError as err:
+                self.warn("malformed_json_lines", f"malformed JSON ({err.msg}); skipped")
+                continue
+            text = record.get(self.text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                self.warn("records_without_text", f"no string field {self.text_field!r}; skipped")
+                missing += 1
+                if not found and missing >= FIELD_PROBE:
+                    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                    raise InputError(
+                        f"{self.path}: the first {FIELD_PROBE} records have no text field "
+                        f"{self.text_field!r}; fields present: {keys}"
+                    )
+                continue
+            found += 1
+            if text.strip():
+                yield text
+
+    def _csv(self, f: io.BufferedIOBase, offset: int) -> Iterator[str]:
+        delimiter = "\t" if self.path.name.endswith(".tsv") else ","
+        if offset:  # the header lives at the start of the file
+            with open(self.path, "rb") as head:
+                header = next(csv.reader([self._decode(head.readline())], delimiter=delimiter))
+        else:
+            header = None
+        # csv.reader pulls one line at a time and never reads ahead, so self.offset stays exact
+        rows = csv.reader((self._decode(raw) for raw, _ in self._lines(f)), delimiter=delimiter)
+        for row in rows:
+            if header is None:
+                header = row
+                if self.text_field not in header:
+                    raise InputError(f"{self.path}: no column {self.text_field!r}; columns: {header}")
+                continue
+            column = header.index(self.text_field)
+            if column < len(row) and row[column].strip():
+                yield row[column]
+
+    def _parquet(self, row: int) -> Iterator[str]:
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(self.path)
+        if self.text_field not in pf.schema_arrow.names:
+            raise InputError(f"{self.path}: no column {self.text_field!r}; columns: {pf.schema_arrow.names}")
+        # start at the row group holding `row`, so restoring costs one row group at most
+        group, first = 0, 0
+        while group < pf.num_row_groups and first + pf.metadata.row_group(group).num_rows <= row:
+            first += pf.metadata.row_group(group).num_rows
+            group += 1
+        self.offset = first
+        for batch in pf.iter_batches(columns=[self.text_field], row_groups=range(group, pf.num_row_groups)):
+            for text in batch.column(0).to_pylist():
+                self.offset += 1
+                self.line = self.offset
+                if self.offset > row and isinstance(text, str) and text.strip():
+                    yield text
+
+
+class _SourceReader:
+    """Cycles through one source's files, epoch after epoch, reshuffling the file order each epoch."""
+
+    def __init__(
+        self,
+        source: Source,
+        seed: int,
+        shuffle: bool,
+        epochs: int | None,
+        max_line_bytes: int,
+        stats: Counter,
+    ):
+        self.source, self.seed, self.shuffle, self.epochs = source, seed, shuffle, epochs
+        self.max_line_bytes, self.stats = max_line_bytes, stats
+        self.files = [] if source.is_hub else expand_paths(source.path)
+        self.pos = _Position()
+        self._reader: _FileReader | None = None
+        self._hub_dataset = None  # the streaming `datasets.IterableDataset` being read
+
+    def file_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.files)))
+        if self.shuffle:
+            np.random.default_rng([self.seed, epoch]).shuffle(order)
+        return order
+
+    def sync(self) -> None:
+        """Copy the open file reader's position into `self.pos` (cheap; called before state_dict)."""
+        if self._reader is not None:
+            self.pos.offset, self.pos.line = self._reader.offset, self._reader.line
+        if self._hub_dataset is not None:
+            self.pos.hub_state = self._hub_dataset.state_dict()
+
+    def documents(self) -> Iterator[str]:
+        if self.source.is_hub:
+            yield from self._hub_documents()
+            return
+        while not self.pos.done:
+            order = self.file_order(self.pos.epoch)
+            first_pass = self.pos.epoch == 0 and self.pos.file == 0 and self.pos.offset == 0
+            epoch_docs = 0
+            while self.pos.file < len(order):
+                path = self.files[order[self.pos.file]]
+                self._reader = _FileReader(path, self.source.text_field, self.max_line_bytes, self.stats)
+                empty = self.pos.offset == 0
+                for doc in self._reader.documents(self.pos.offset, self.pos.line):
+                    empty = False
+                    epoch_docs += 1
+                    yield doc
+                if empty and self.pos.epoch == 0:
+                    self._reader.warn("empty_files", "no text in this file; skipped")
+                self._reader = None
+                self.pos = _Position(self.pos.epoch, self.pos.file + 1)
+            if epoch_docs == 0 and first_pass:
+                raise InputError(
+                    f"corpus source {self.source.path}: no text in any of its {len(self.files)} files"
+                )
+            self.pos = _Position(self.pos.epoch + 1)
+            self.stats["epochs_completed"] += 1
+            self.pos.done = self.epochs is not None and self.pos.epoch >= self.epochs
+
+    def _hub_documents(self) -> Iterator[str]:
+        import datasets
+
+        name, _, config = self.source.path[len(HUB_PREFIX) :].partition(":")
+        while not self.pos.done:
+            ds = datasets.load_dataset(name, config or None, split=self.source.split, streaming=True)
+            ds = ds.shuffle(seed=self.seed + self.pos.epoch, buffer_size=1000) if self.shuffle else ds
+            if self.pos.hub_state is not None:
+                ds.load_state_dict(self.pos.hub_state)
+            self._hub_dataset = ds
+            for record in ds:
+                text = record.get(self.source.text_field)
+                if not isinstance(text, str):
+                    raise InputError(
+                        f"Hub dataset {name}: no string field {self.source.text_field!r}; "
+                        f"fields: {sorted(record)}"
+                    )
+                if text.strip():
+                    yield text
+            self._hub_dataset = None
+            self.pos = _Position(self.pos.epoch + 1)
+            self.pos.done = self.epochs is not None and self.pos.epoch >= self.epochs
+
+
+class TextStream:
+    """Documents from weighted sources, resumable, sharded by document across `world_size` ranks.
+
+    `state_dict()` taken between two documents and given to `load_state_dict()` of a fresh stream with
+    the same arguments makes it yield exactly the documents the first would have yielded next.
+    """
+
+    DRAW_CHUNK = 4096  # source choices drawn at once: one numpy call per chunk, not per document
+
+    def __init__(
+        self,
+        sources: Sequence[str | Source | dict],
+        *,
+        text_field: str = "text",
+        seed: int = 0,
+        shuffle_files: bool = True,
+        epochs: int | None = 1,
+        max_line_bytes: int = 1 << 20,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.sources = as_sources(sources, text_field=text_field)
+        self.seed, self.epochs, self.rank, self.world_size = seed, epochs, rank, world_size
+        self.stats: Counter = Counter()
+        self.readers = [
+            _SourceReader(s, seed + i, shuffle_files, epochs, max_line_bytes, self.stats)
+            for i, s in enumerate(self.sources)
+        ]
+        self.documents_read = 0  # across all ranks: the index of the next document in the global order
+        self._rng = np.random.default_rng(seed)
+        self._draws = np.empty(0, dtype=np.int64)
+        self._iterators: dict[int, Iterator[str]] = {}
+
+    def __iter__(self) -> Iterator[str]:
+        active = [i for i, r in enumerate(self.readers) if not r.pos.done]
+        while active:
+            index = active[0] if len(self.readers) == 1 else self._next_source(active)
+            it = self._iterators.get(index)
+            if it is None:
+                it = self._iterators[index] = self.readers[index].documents()
+            doc = next(it, None)
+            if doc is None:
+                del self._iterators[index]
+                active.remove(index)
+                self._draws = np.empty(0, dtype=np.int64)  # weights changed: redraw
+                continue
+            self.documents_read += 1
+            self.stats["documents"] += 1
+            if (self.documents_read - 1) % self.world_size == self.rank:
+                yield doc
+
+    def _next_source(self, active: list[int]) -> int:
+        while True:
+            if len(self._draws) == 0:
+                weights = np.array([self.sources[i].weight for i in active])
+                self._draws = self._rng.choice(
+                    np.array(active), size=self.DRAW_CHUNK, p=weights / weights.sum()
+                )
+            index, self._draws = int(self._draws[0]), self._draws[1:]
+            if index in active:
+                return index
+
+    def state_dict(self) -> dict:
+        for reader in self.readers:
+            reader.sync()
+        return {
+            "positions": [vars(r.pos).copy() for r in self.readers],
+            "documents_read": self.documents_read,
+            "rng": self._rng.bit_generator.state,
+            "draws": self._draws.tolist(),
+            "stats": dict(self.stats),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["positions"]) != len(self.readers):
+            raise InputError(
+                f"saved corpus state has {len(state['positions'])} sources, "
+                f"this corpus has {len(self.readers)}: resume with the same --corpus"
+            )
+        for reader, pos in zip(self.readers, state["positions"], strict=True):
+            reader.pos = _Position(**pos)
+        self.documents_read = state["documents_read"]
+        self._rng.bit_generator.state = state["rng"]
+        self._draws = np.array(state["draws"], dtype=np.int64)
+        self.stats.clear()
+        self.stats.update(state["stats"])
+        self._iterators = {}
+
+
+def describe(stats: Counter | dict) -> str:
+    """One line for the user: documents read and whatever bad input was skipped or repaired."""
+    problems = {k: v for k, v in stats.items() if k not in ("documents", "epochs_completed")}
+    extra = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in sorted(problems.items()))
+    return f"{stats.get('documents', 0)} documents" + (f" ({extra})" if extra else "")
+
+
+def _utf8_safe_cut(data: bytes) -> int:
+    """The largest cut point <= len(data) that does not split a UTF-8 sequence."""
+    start = len(data) - 1
+    while start > 0 and (data[start] & 0xC0) == 0x80:
+        start -= 1
+    lead = data[start]
+    width = 4 if lead >= 0xF0 else 3 if lead >= 0xE0 else 2 if lead >= 0xC0 else 1
+    return start if start + width > len(data) and start > 0 else len(data)

@@ -1,0 +1,61 @@
+"""AdamW with the usual parameter groups, and learning-rate schedules as functions of progress.
+
+A schedule is a pure function of progress in [0, 1] (steps done / steps planned, or seconds spent /
+seconds budgeted), so it holds no state: a resumed run recomputes the same rate, and the wall-clock
+budget mode needs no separate code path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+SCHEDULES = ("linear", "cosine", "wsd", "constant")
+
+
+def build_optimizer(
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float = 0.01,
+    betas: tuple[float, float] = (0.9, 0.98),
+    eps: float = 1e-6,
+) -> torch.optim.AdamW:
+    """AdamW with no weight decay on biases and normalisation weights (every parameter of rank < 2)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+
+
+def lr_factor(progress: float, schedule: str, warmup: float, decay: float = 0.2) -> float:
+    """The multiplier of the peak learning rate at `progress` (fraction of the run done).
+
+    `warmup` is the fraction of the run spent warming up linearly from 0. After it, `linear` and
+    `cosine` decay to 0 at the end; `wsd` (warmup-stable-decay) holds the peak and decays linearly to 0
+    over the last `decay` fraction; `constant` holds the peak.
+    """
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    progress = min(max(progress, 0.0), 1.0)
+    if warmup > 0 and progress < warmup:
+        return progress / warmup
+    if schedule == "constant":
+        return 1.0
+    if schedule == "wsd":
+        start = 1.0 - decay
+        return 1.0 if progress <= start else max(0.0, (1.0 - progress) / max(decay, 1e-12))
+    rest = (progress - warmup) / max(1.0 - warmup, 1e-12)
+    if schedule == "linear":
+        return max(0.0, 1.0 - rest)
+    return 0.5 * (1.0 + math.cos(math.pi * rest))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

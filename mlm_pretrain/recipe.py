@@ -1,0 +1,168 @@
+"""Recipes: YAML files checked against dataclasses, with `key=value` overrides from the command line.
+
+An unknown key or a value of the wrong type is an `InputError` naming the file, the key and the
+valid keys. Overrides take dotted paths (`impl.threads=2`) or, where a leaf name is unique in the
+schema, the bare name (`max_steps=12`). Values are parsed as YAML (`lr=1e-3`, `corpus=[a.txt, b.txt]`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from mlm_pretrain.errors import InputError
+
+T = TypeVar("T")
+
+
+def load_recipe(schema: type[T], path: str | Path | None = None, overrides: list[str] | tuple = ()) -> T:
+    """Read `path` (if any), apply `overrides`, check the result against `schema`."""
+    data: dict = {}
+    where = "recipe"
+    if path is not None:
+        where = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise InputError(f"recipe not found: {path}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as err:
+            raise InputError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: a recipe is a mapping of keys to values, got {type(data).__name__}")
+    for override in overrides:
+        apply_override(schema, data, override)
+    return build(schema, data, where)
+
+
+def apply_override(schema: type, data: dict, override: str) -> None:
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise InputError(f"override {override!r}: expected key=value")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    path = resolve_key(schema, key.strip())
+    node = data
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise InputError(f"override {override!r}: {part} is not a group")
+    node[path[-1]] = value
+
+
+def resolve_key(schema: type, key: str) -> list[str]:
+    """The dotted path of `key` in `schema`: itself if it is a path, else the one leaf of that name."""
+    leaves = list(_leaf_paths(schema))
+    if key in (".".join(p) for p in leaves) or key in (".".join(p) for p in _group_paths(schema)):
+        return key.split(".")
+    matches = [p for p in leaves if p[-1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise InputError(f"override key {key!r} is ambiguous: {', '.join('.'.join(p) for p in matches)}")
+    raise InputError(f"unknown recipe key {key!r}; valid keys: {', '.join('.'.join(p) for p in leaves)}")
+
+
+def build(schema: type[T], data: dict, where: str, prefix: str = "") -> T:
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise InputError(
+            f"{where}: unknown key {prefix}{unknown[0]!r}; valid keys"
+            f"{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(fields)}"
+        )
+    values = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise InputError(
+                    f"{where}: {prefix}{name} is a group of keys ({', '.join(_names(hint))}), got {value!r}"
+                )
+            values[name] = build(hint, value, where, f"{prefix}{name}.")
+        else:
+            values[name] = check_type(value, hint, f"{where}: {prefix}{name}")
+    try:
+        return schema(**values)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{where}: {err}") from None
+
+
+def check_type(value: Any, hint: Any, where: str) -> Any:
+    """`value` if it fits `hint` (ints are accepted for floats), else an InputError."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return check_type(value, arg, where)
+            except InputError:
+                continue
+        raise InputError(f"{where}: expected {_describe(hint)}, got {value!r}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise InputError(f"{where}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            value = [value]  # a single value where a list is expected: `corpus=file.txt`
+        return [check_type(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise InputError(f"{where}: expected a mapping, got {value!r}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():  # 1e6 in YAML is a float
+            return int(value)
+    elif isinstance(value, hint):
+        return value
+    raise InputError(f"{where}: expected {_describe(hint)}, got {value!r}")
+
+
+def to_dict(recipe: Any) -> dict:
+    return dataclasses.asdict(recipe)
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _names(schema: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(schema)]
+
+
+def _leaf_paths(schema: type, prefix: tuple = ()) -> typing.Iterator[list[str]]:
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _leaf_paths(hints[f.name], (*prefix, f.name))
+        else:
+            yield [*prefix, f.name]
+
+
+def _group_paths(schema: type, prefix: tuple = ()) -> typing.Iterator[list[str]]:
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield [*prefix, f.name]
+            yield from _group_paths(hints[f.name], (*prefix, f.name))

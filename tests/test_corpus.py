@@ -1,0 +1,162 @@
+import gzip
+import json
+import logging
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from mlm_pretrain.corpus import ALIASES, TextStream, as_sources, expand_paths
+from mlm_pretrain.errors import InputError
+
+SAMPLE = ALIASES["@sample"]
+
+
+def lines_of(path):
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def austen_lines():
+    return lines_of(f"{SAMPLE}/austen_sample.txt.gz")[:300]
+
+
+def write_formats(tmp_path, lines):
+    """The same documents in every supported format."""
+    (tmp_path / "a.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with gzip.open(tmp_path / "a.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    records = "\n".join(json.dumps({"id": i, "body": t}) for i, t in enumerate(lines)) + "\n"
+    (tmp_path / "a.jsonl").write_text(records, encoding="utf-8")
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(records)
+    pq.write_table(
+        pa.table({"id": list(range(len(lines))), "body": lines}), tmp_path / "a.parquet", row_group_size=64
+    )
+    import csv
+
+    with open(tmp_path / "a.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "body"])
+        writer.writerows(enumerate(lines))
+
+
+@pytest.mark.parametrize("name", ["a.txt", "a.txt.gz", "a.jsonl", "a.jsonl.gz", "a.parquet", "a.csv"])
+def test_every_format_yields_the_same_documents_and_resumes_exactly(tmp_path, austen_lines, name):
+    write_formats(tmp_path, austen_lines)
+    field = "text" if name.startswith("a.txt") else "body"
+    docs = list(TextStream([str(tmp_path / name)], text_field=field))
+    assert docs == austen_lines
+    for cut in (1, 77, 200):
+        stream = TextStream([str(tmp_path / name)], text_field=field)
+        it = iter(stream)
+        head = [next(it) for _ in range(cut)]
+        resumed = TextStream([str(tmp_path / name)], text_field=field)
+        resumed.load_state_dict(stream.state_dict())
+        assert head + list(resumed) == austen_lines
+
+
+def test_directories_globs_and_missing_paths(tmp_path, austen_lines):
+    write_formats(tmp_path, austen_lines)
+    (tmp_path / "notes.md").write_text("ignored in a directory")
+    assert [p.name for p in expand_paths(str(tmp_path / "*.txt*"))] == ["a.txt", "a.txt.gz"]
+    assert len(expand_paths(str(tmp_path))) == 6
+    with pytest.raises(InputError, match="not found: .*nope.txt"):
+        expand_paths(str(tmp_path / "nope.txt"))
+    with pytest.raises(InputError, match="matches no file"):
+        expand_paths(str(tmp_path / "*.xml"))
+    with pytest.raises(InputError, match="unsupported corpus file type"):
+        expand_paths(str(tmp_path / "notes.md"))
+    with pytest.raises(InputError, match="2 corpus weights given for 1"):
+        as_sources(["x"], weights=[1, 2])
+
+
+def test_bad_input_is_skipped_and_counted_or_stops_with_the_file_named(tmp_path, caplog):
+    good = json.dumps({"text": "a fine record"})
+    lines = [good, "{not json", json.dumps({"title": "no text here"}), json.dumps({"text": 5}), good]
+    (tmp_path / "mixed.jsonl").write_text("\r\n".join(lines) + "\r\n", encoding="utf-8")
+    stream = TextStream([str(tmp_path / "mixed.jsonl")])
+    with caplog.at_level(logging.WARNING):
+        assert list(stream) == ["a fine record", "a fine record"]
+    assert stream.stats["malformed_json_lines"] == 1
+    assert stream.stats["records_without_text"] == 2
+    assert "mixed.jsonl:2: malformed JSON" in caplog.text
+
+    (tmp_path / "nofield.jsonl").write_text("\n".join([json.dumps({"title": "x"})] * 120) + "\n")
+    with pytest.raises(
+        InputError, match=r"nofield.jsonl: .* no text field 'text'; fields present: \['title'\]"
+    ):
+        list(TextStream([str(tmp_path / "nofield.jsonl")]))
+
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\r\nsecond line\r\n".encode("latin-1"))
+    stream = TextStream([str(tmp_path / "latin1.txt")])
+    assert list(stream) == ["caf\ufffd au lait", "second line"]
+    assert stream.stats["invalid_utf8_lines"] == 1
+
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "empty.txt").write_text("")
+    (tmp_path / "dir" / "latin1.txt").write_bytes((tmp_path / "latin1.txt").read_bytes())
+    stream = TextStream([str(tmp_path / "dir")])
+    assert len(list(stream)) == 2 and stream.stats["empty_files"] == 1
+    with pytest.raises(InputError, match="no text in any of its 1 files"):
+        list(TextStream([str(tmp_path / "dir" / "empty.txt")]))
+
+
+def test_truncated_gzip_names_the_file_and_line(tmp_path, austen_lines):
+    data = gzip.compress(("\n".join(austen_lines * 5) + "\n").encode())
+    (tmp_path / "cut.txt.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"cut.txt.gz: truncated or corrupt gzip data after line \d+"):
+        list(TextStream([str(tmp_path / "cut.txt.gz")]))
+
+
+def test_a_huge_line_is_split_with_bounded_memory_and_resumes_exactly(tmp_path):
+    words = [f"w{i % 9973}é" for i in range(400_000)]  # ~3 MB on one line, multi-byte characters
+    (tmp_path / "one_line.txt").write_text(" ".join(words) + "\nnext line\n", encoding="utf-8")
+    stream = TextStream([str(tmp_path / "one_line.txt")], max_line_bytes=100_000)
+    docs = list(stream)
+    assert max(len(d.encode()) for d in docs) <= 100_000
+    assert " ".join(docs[:-1]).split() == words and docs[-1] == "next line"
+    assert stream.stats["long_lines_split"] == len(docs) - 2
+    first = TextStream([str(tmp_path / "one_line.txt")], max_line_bytes=100_000)
+    it = iter(first)
+    head = [next(it) for _ in range(7)]
+    resumed = TextStream([str(tmp_path / "one_line.txt")], max_line_bytes=100_000)
+    resumed.load_state_dict(first.state_dict())
+    assert head + list(resumed) == docs
+
+    (tmp_path / "huge.jsonl").write_text(
+        json.dumps({"text": " ".join(words)}) + "\n" + json.dumps({"text": "kept"}) + "\n"
+    )
+    stream = TextStream([str(tmp_path / "huge.jsonl")], max_line_bytes=100_000)
+    assert list(stream) == ["kept"] and stream.stats["oversized_records"] == 1
+
+
+def test_weighted_interleaving_epochs_and_rank_sharding_are_deterministic(tmp_path):
+    (tmp_path / "a.txt").write_text("\n".join(f"a{i}" for i in range(300)) + "\n")
+    (tmp_path / "b.txt").write_text("\n".join(f"b{i}" for i in range(100)) + "\n")
+    sources = [{"path": str(tmp_path / "a.txt"), "weight": 3.0}, {"path": str(tmp_path / "b.txt")}]
+    docs = list(TextStream(sources, seed=5, epochs=2))
+    assert docs == list(TextStream(sources, seed=5, epochs=2))
+    assert sorted(docs) == sorted([f"a{i}" for i in range(300)] * 2 + [f"b{i}" for i in range(100)] * 2)
+    first_half = docs[:200]  # both sources are live: about 3 a's for every b
+    assert 120 < sum(d.startswith("a") for d in first_half) < 180
+    ranks = [list(TextStream(sources, seed=5, epochs=2, rank=r, world_size=2)) for r in range(2)]
+    assert ranks[0] == docs[0::2] and ranks[1] == docs[1::2]
+
+    stream = TextStream(sources, seed=5, epochs=None)  # endless, resumable at any point
+    it = iter(stream)
+    [next(it) for _ in range(1234)]
+    resumed = TextStream(sources, seed=5, epochs=None)
+    resumed.load_state_dict(stream.state_dict())
+    assert [next(it) for _ in range(500)] == [d for _, d in zip(range(500), resumed, strict=False)]
+
+
+def test_file_order_is_reshuffled_every_epoch_with_the_seed(tmp_path):
+    for i in range(6):
+        (tmp_path / f"{i}.txt").write_text(f"file {i}\n")
+    docs = list(TextStream([str(tmp_path)], seed=1, epochs=3))
+    epochs = [docs[i : i + 6] for i in range(0, 18, 6)]
+    assert all(sorted(e) == sorted(epochs[0]) for e in epochs)
+    assert len({tuple(e) for e in epochs}) > 1
+    assert docs != list(TextStream([str(tmp_path)], seed=2, epochs=3))

@@ -47,6 +47,7 @@ SUFFIXES = (".txt", ".txt.gz", ".jsonl", ".jsonl.gz", ".parquet", ".csv", ".tsv"
 HUB_PREFIX = "hf:"
 WARNINGS_PER_KIND = 5  # log the first few occurrences of each kind of bad input, count the rest
 FIELD_PROBE = 100  # a JSONL file whose first FIELD_PROBE records all lack the field is an error
+GZIP_ERRORS = (EOFError, gzip.BadGzipFile, zlib.error)
 PACKAGE_DATA = Path(__file__).parent / "data"
 # the small public-domain corpus shipped in the package, so the default job and tests run anywhere
 ALIASES = {
@@ -179,7 +180,7 @@ class _FileReader:
                     yield from self._jsonl(f)
                 else:
                     yield from self._csv(f, offset)
-        except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        except GZIP_ERRORS as err:
             raise InputError(
                 f"{self.path}: truncated or corrupt gzip data after line {self.line} ({err})"
             ) from err

@@ -8,10 +8,33 @@ budget mode needs no separate code path.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
 SCHEDULES = ("linear", "cosine", "wsd", "constant")
+
+
+@dataclass
+class OptimRecipe:
+    """The `optim` group of a recipe."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    schedule: str = "linear"
+    warmup: float = 0.06  # fraction of the run
+    decay: float = 0.2  # wsd only: the fraction of the run spent decaying
+    clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    batch_size: int = 64  # global batch in blocks, summed over processes and accumulation steps
+    micro_batch_size: int = 32  # blocks per process per forward pass
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule {self.schedule!r} unknown; valid: {', '.join(SCHEDULES)}")
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas needs two values, got {self.betas}")
 
 
 def build_optimizer(

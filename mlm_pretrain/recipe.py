@@ -77,7 +77,7 @@ def build(schema: type[T], data: dict, where: str, prefix: str = "") -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise InputError(
-            f"{where}: unknown key {prefix}{unknown[0]!r}; valid keys"
+            f"{where}: unknown key '{prefix}{unknown[0]}'; valid keys"
             f"{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(fields)}"
         )
     values = {}

@@ -8,12 +8,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 
 from mlm_pretrain import __version__
 from mlm_pretrain.errors import InputError
 
-SUBCOMMANDS = ["tokenizer", "pack", "demo", "push", "finetune"]
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
+SUBCOMMANDS = ["tokenizer", "pack", "pretrain", "finetune", "push", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may sit anywhere on the line, between flags too: argparse alone keeps only the
+    # first run of positionals, so gather the rest here
+    args, extra = parser.parse_known_args(argv)
+    stray = [token for token in extra if not OVERRIDE.match(token) or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -28,15 +28,15 @@ def add_corpus_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-field", help="field holding the text in .jsonl/.parquet/.csv/Hub sources [text]")
 
 
-def corpus_overrides(args: argparse.Namespace) -> list[str]:
-    """Recipe overrides for --corpus/--weights/--text-field, as `key=value` strings."""
+def corpus_overrides(args: argparse.Namespace, prefix: str = "") -> list[str]:
+    """Recipe overrides for --corpus/--weights/--text-field, as `key=value` strings under `prefix`."""
     out = []
     if args.corpus:
         weights = args.weights or [1.0] * len(args.corpus)
         if len(weights) != len(args.corpus):
             raise InputError(f"--weights has {len(weights)} values for {len(args.corpus)} --corpus sources")
         sources = [{"path": p, "weight": w} for p, w in zip(args.corpus, weights, strict=True)]
-        out.append(f"corpus={yaml.safe_dump(sources, default_flow_style=True).strip()}")
+        out.append(f"{prefix}corpus={yaml.safe_dump(sources, default_flow_style=True).strip()}")
     if args.text_field:
-        out.append(f"text_field={args.text_field}")
+        out.append(f"{prefix}text_field={args.text_field}")
     return out

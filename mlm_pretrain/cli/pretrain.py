@@ -1,0 +1,60 @@
+"""`mlm-pretrain pretrain`: train an encoder from scratch on a streamed corpus, as a recipe says."""
+
+from __future__ import annotations
+
+import argparse
+
+from mlm_pretrain.cli.common import add_corpus_args, corpus_overrides
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a BERT/RoBERTa/ModernBERT encoder (masked tokens) from a recipe",
+        description="Pretrain an encoder from scratch on a streamed corpus, as the recipe says; flags and "
+        "key=value overrides (dotted, e.g. optim.lr=5e-4, or a unique key name, e.g. mask_rate=0.3) change "
+        "it. The run directory (--out) gets checkpoints/, metrics.jsonl, TensorBoard logs, loss_curve.png "
+        "and, at the end, final/: a Hugging Face model directory with a model card. Ctrl-C saves a "
+        "checkpoint and stops; --resume continues from the newest one. Works under "
+        "`accelerate launch [--num_processes N --cpu] -m mlm_pretrain pretrain ...`.",
+    )
+    p.add_argument("--recipe", help="YAML recipe (see recipes/); default: the built-in small CPU recipe")
+    add_corpus_args(p)
+    p.add_argument("--validation", nargs="+", metavar="PATH", help="held-out text for evaluation")
+    p.add_argument("--tokenizer", help="tokenizer directory (from `mlm-pretrain tokenizer`)")
+    p.add_argument("--out", help="run directory")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mlm_pretrain.launch import relaunch, requested_cpu_processes
+
+    processes = requested_cpu_processes()
+    if processes > 1:
+        return relaunch(processes)
+    from mlm_pretrain.recipe import load_recipe
+    from mlm_pretrain.trainer import PretrainRecipe, pretrain
+
+    flags = {
+        "data.validation": args.validation,
+        "data.tokenizer": args.tokenizer,
+        "impl.out": args.out,
+        "max_steps": args.max_steps,
+        "impl.resume": True if args.resume else None,
+    }
+    overrides = [
+        *corpus_overrides(args, prefix="data."),
+        *(f"{k}={v}" for k, v in flags.items() if v is not None),
+        *args.overrides,
+    ]
+    recipe = load_recipe(PretrainRecipe, args.recipe, overrides)
+    metrics = pretrain(recipe)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+        print(f"model saved to {recipe.impl.out}/final")
+    return 0

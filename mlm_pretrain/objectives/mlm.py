@@ -1,0 +1,159 @@
+"""Masked-token modelling: choose positions to mask, corrupt them, and score the model on them only.
+
+Masking is vectorised over the whole batch. It draws its random numbers from a generator the caller
+seeds per step for the *global* batch and keeps only the rows of its own blocks, so a block is masked
+the same way whichever rank holds it and however often the run is stopped and resumed, and a fresh
+step draws fresh masks (dynamic masking).
+
+Three ways to choose what to mask, all on top of "never a special or padding token":
+- `token`: each token independently with probability `mask_rate` (BERT, RoBERTa);
+- `whole_word`: each word independently, all its pieces together (WordPiece `##`, `Ġ` and `▁` marks);
+- `span`: runs of whole words with geometric lengths (SpanBERT: p=0.2, at most 10 words), started
+  at a rate that masks about `mask_rate` of the words.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from mlm_pretrain.packing import TokenInfo
+
+MASKINGS = ("token", "whole_word", "span")
+
+
+@dataclass
+class MaskingConfig:
+    """The `mlm` group of a recipe."""
+
+    mask_rate: float = 0.15
+    eval_mask_rate: float = 0.15  # evaluation always masks at BERT's rate, whatever training uses
+    mask_token_ratio: float = 0.8  # of the chosen positions: replaced by [MASK]
+    random_token_ratio: float = 0.1  # replaced by a random token; the rest keep their token
+    masking: str = "token"
+    span_p: float = 0.2
+    span_max: int = 10
+
+    def __post_init__(self) -> None:
+        for name in ("mask_rate", "eval_mask_rate"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"mlm.{name} must be in (0, 1), got {getattr(self, name)}")
+        if (
+            self.mask_token_ratio < 0
+            or self.random_token_ratio < 0
+            or self.mask_token_ratio + self.random_token_ratio > 1
+        ):
+            raise ValueError("mask_token_ratio and random_token_ratio must be >= 0 and sum to at most 1")
+        if self.masking not in MASKINGS:
+            raise ValueError(f"unknown masking {self.masking!r}; valid: {', '.join(MASKINGS)}")
+
+
+def mask_batch(
+    batch: dict[str, torch.Tensor],
+    info: TokenInfo,
+    config: MaskingConfig,
+    generator: torch.Generator,
+    rows: torch.Tensor | None = None,
+    global_rows: int | None = None,
+    evaluating: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(corrupted input ids, boolean mask of the positions to predict) for a collated batch.
+
+    `rows` are the indices of this batch's blocks within a global batch of `global_rows` blocks; the
+    random numbers are drawn for the global batch, so they depend on the block's global index only.
+    `evaluating` masks at `eval_mask_rate`.
+    """
+    ids, special = batch["input_ids"], batch["special_tokens_mask"]
+    batch_size, seq_len = ids.shape
+    if rows is None:
+        rows, global_rows = torch.arange(batch_size), batch_size
+    draws = torch.rand(3, global_rows, seq_len, generator=generator)[:, rows]  # choice, corruption, spans
+    random_ids = torch.randint(len(info.normal_ids), (global_rows, seq_len), generator=generator)[rows]
+    rate = config.eval_mask_rate if evaluating else config.mask_rate
+
+    if config.masking == "token":
+        chosen = draws[0] < rate
+    else:
+        # a word is a unit: index every token by the word it belongs to and choose words
+        word_index = torch.cumsum(batch["word_start"].long(), dim=1) - 1
+        if config.masking == "whole_word":
+            chosen_words = draws[0] < rate
+        else:
+            chosen_words = _span_words(draws[0], draws[2], rate, config)
+        chosen = torch.gather(chosen_words, 1, word_index.clamp(min=0))
+    chosen &= ~special
+
+    corrupted = ids.clone()
+    to_mask = chosen & (draws[1] < config.mask_token_ratio)
+    to_random = (
+        chosen
+        & (draws[1] >= config.mask_token_ratio)
+        & (draws[1] < config.mask_token_ratio + config.random_token_ratio)
+    )
+    corrupted[to_mask] = info.mask_id
+    corrupted[to_random] = info.normal_ids[random_ids[to_random]]
+    return corrupted, chosen
+
+
+def _span_words(
+    start_draws: torch.Tensor, length_draws: torch.Tensor, rate: float, config: MaskingConfig
+) -> torch.Tensor:
+    """Words covered by spans: each word starts one with probability rate / mean span length."""
+    lengths = torch.arange(1, config.span_max + 1, dtype=torch.float)
+    probs = config.span_p * (1 - config.span_p) ** (lengths - 1)
+    probs /= probs.sum()  # geometric, clipped at span_max
+    mean_length = float((lengths * probs).sum())
+    starts = start_draws < rate / mean_length
+    # inverse-CDF sample of each start's span length from the second draw
+    length = (
+        torch.searchsorted(torch.cumsum(probs, 0), length_draws.contiguous()).clamp(max=config.span_max - 1)
+        + 1
+    )
+    covered = torch.zeros_like(starts)
+    for offset in range(config.span_max):  # a word is covered if a span started `offset` words before it
+        reaches = starts & (length > offset)
+        covered[:, offset:] |= reaches[:, : reaches.shape[1] - offset]
+    return covered
+
+
+class SparseMLM(torch.nn.Module):
+    """An HF masked-LM model scored on the masked positions only (sparse prediction).
+
+    The encoder runs on every position; the MLM head, most of the FLOPs of a small model with a large
+    vocabulary, runs on the masked ones only, as in Cramming and MosaicBERT. The loss is a sum, so the
+    trainer can divide by the masked-token count of the whole global batch. (It is a module, not a
+    function, so that DistributedDataParallel sees the forward pass and syncs gradients.)
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        head_of(model)  # fail now, not at the first step, on a model without a known MLM head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        targets: torch.Tensor,
+        predict: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed cross-entropy, number of correct predictions) over the `predict` positions."""
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits = head_of(self.model)(hidden[predict])
+        labels = targets[predict]
+        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+        correct = (logits.argmax(-1) == labels).sum()
+        return loss, correct
+
+
+def head_of(model: torch.nn.Module):
+    """The MLM head of an HF masked-LM model, as a function from hidden states to vocabulary logits."""
+    if hasattr(model, "cls"):  # BertForMaskedLM
+        return model.cls
+    if hasattr(model, "lm_head"):  # RobertaForMaskedLM
+        return model.lm_head
+    if hasattr(model, "head") and hasattr(model, "decoder"):  # ModernBertForMaskedLM
+        return lambda hidden: model.decoder(model.head(hidden))
+    raise TypeError(f"no known MLM head on {type(model).__name__}")

@@ -1,0 +1,418 @@
+"""The pretraining recipe and the training loop, on `accelerate`.
+
+The loop reads top to bottom: build, maybe resume, then per step draw the global batch's blocks,
+mask them, accumulate gradients, clip, step, and log, evaluate, checkpoint on their cadence.
+
+What makes runs reproducible and resumable:
+- the schedule is a function of progress (steps, tokens or minutes done over those planned), so it
+  holds no state and a resumed run recomputes it;
+- masks are drawn from a generator seeded by (seed, step) for the global batch, so they depend on
+  neither the number of processes nor on where a run was stopped;
+- each step's loss is divided by the masked-token count of the whole global batch, so one process
+  with a batch of 8 and two with 4 each compute the same gradient;
+- a checkpoint holds model, optimizer, RNG states, counters and the data stream position.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from mlm_pretrain.errors import InputError
+from mlm_pretrain.models import ModelRecipe
+from mlm_pretrain.objectives.mlm import MaskingConfig
+from mlm_pretrain.optim import OptimRecipe
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("mlm",)
+EVAL_SEED = 20_240_601  # evaluation masks are the same at every evaluation of every run
+
+
+@dataclass
+class DataRecipe:
+    corpus: list[str | dict] = field(default_factory=lambda: ["@sample"])
+    text_field: str = "text"
+    validation: list[str] = field(default_factory=lambda: ["@sample-validation"])
+    tokenizer: str = "tokenizers/default-wordpiece-8k"
+    seq_len: int = 128
+    shuffle_buffer: int = 1000  # blocks
+
+
+@dataclass
+class ImplRecipe:
+    """Settings that change how a run goes, never what it learns (Cramming's `impl`)."""
+
+    out: str = "runs/pretrain"
+    mixed_precision: str = "no"  # "bf16" runs autocast in bfloat16, on CPU too
+    compile: bool = False  # torch.compile the encoder (worth it with bf16; 40-50 s to compile on CPU)
+    threads: int | None = None  # torch threads per process; default: cores / processes
+    resume: bool = False  # continue from the newest checkpoint in `out`
+    eval_every: int = 200
+    eval_blocks: int = 256  # validation blocks per evaluation
+    save_every: int = 200
+    keep_last: int = 2
+    log_every: int = 10
+    progress: bool = True
+    push_to_hub: str | None = None  # a repo id: push the exported model every `push_every` checkpoints
+    push_every: int = 0
+
+
+@dataclass
+class PretrainRecipe:
+    seed: int = 0
+    objective: str = "mlm"
+    # stop rules (the first reached stops; the schedule follows the furthest along)
+    max_steps: int | None = 1000
+    max_tokens: int | None = None
+    max_minutes: float | None = None
+    data: DataRecipe = field(default_factory=DataRecipe)
+    model: ModelRecipe = field(default_factory=ModelRecipe)
+    mlm: MaskingConfig = field(default_factory=MaskingConfig)
+    optim: OptimRecipe = field(default_factory=OptimRecipe)
+    impl: ImplRecipe = field(default_factory=ImplRecipe)
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r} unknown; valid: {', '.join(OBJECTIVES)}")
+        if not (self.max_steps or self.max_tokens or self.max_minutes):
+            raise ValueError("set at least one stop rule: max_steps, max_tokens or max_minutes")
+
+    def plan(self) -> dict:
+        """Everything that decides what the run learns: all but `impl`."""
+        plan = asdict(self)
+        del plan["impl"]
+        return plan
+
+
+def pretrain(recipe: PretrainRecipe) -> dict:
+    """Run (or resume) the recipe; return the final evaluation metrics. Every process calls this."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from mlm_pretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from mlm_pretrain.corpus import TextStream
+    from mlm_pretrain.models import build_model, count_parameters
+    from mlm_pretrain.objectives.mlm import SparseMLM, mask_batch
+    from mlm_pretrain.optim import build_optimizer, lr_factor, set_lr
+    from mlm_pretrain.packing import BlockStream, TokenInfo, collate
+    from mlm_pretrain.run_log import RunLog
+    from mlm_pretrain.tokenizer import load_tokenizer
+
+    impl, optim = recipe.impl, recipe.optim
+    run_dir = Path(impl.out)
+    accelerator = Accelerator(
+        mixed_precision=impl.mixed_precision, log_with="tensorboard", project_dir=run_dir
+    )
+    world, rank = accelerator.num_processes, accelerator.process_index
+    torch.set_num_threads(impl.threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    micro = optim.micro_batch_size
+    if optim.batch_size % (micro * world):
+        raise InputError(
+            f"optim.batch_size {optim.batch_size} is not a multiple of optim.micro_batch_size "
+            f"{micro} x {world} processes"
+        )
+    accumulation = optim.batch_size // (micro * world)
+    checkpoint = _checkpoint_to_resume(recipe, run_dir, latest_checkpoint(run_dir))
+    accelerator.wait_for_everyone()  # every process has read the old recipe before it is replaced
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(asdict(recipe), sort_keys=False))
+
+    torch.manual_seed(recipe.seed)
+    random.seed(recipe.seed)
+    tokenizer = load_tokenizer(recipe.data.tokenizer)
+    info = TokenInfo(tokenizer)
+    model = build_model(recipe.model, tokenizer, recipe.data.seq_len)
+    if impl.compile:
+        model.base_model.compile()  # the head sees a different number of masked positions every step
+    objective = SparseMLM(model)
+    optimizer = build_optimizer(model, optim.lr, optim.weight_decay, tuple(optim.betas), optim.eps)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    documents = TextStream(
+        recipe.data.corpus, text_field=recipe.data.text_field, seed=recipe.seed, epochs=None
+    )
+    stream = BlockStream(
+        documents,
+        tokenizer,
+        recipe.data.seq_len,
+        shuffle_buffer=recipe.data.shuffle_buffer,
+        seed=recipe.seed,
+        rank=rank,
+        world_size=world,
+    )
+
+    step, elapsed = 0, 0.0
+    if checkpoint is not None:
+        data_state, trainer_state = load_checkpoint(checkpoint, accelerator, objective, optimizer)
+        stream.load_state_dict(data_state)
+        step, elapsed = trainer_state["step"], trainer_state["elapsed"]
+        log.info("resumed from %s (step %d)", checkpoint, step)
+    run_log = RunLog(run_dir, accelerator, asdict(recipe), resumed_step=step)
+    tokens_per_step = optim.batch_size * recipe.data.seq_len  # training blocks are never padded
+    if accelerator.is_main_process:
+        log.info(
+            "%s: %.2fM parameters, %d processes x %d blocks x %d accumulation steps, %d tokens/step",
+            recipe.model.type,
+            count_parameters(model) / 1e6,
+            world,
+            micro,
+            accumulation,
+            tokens_per_step,
+        )
+
+    def progress() -> float:
+        done = [
+            step / recipe.max_steps if recipe.max_steps else 0.0,
+            step * tokens_per_step / recipe.max_tokens if recipe.max_tokens else 0.0,
+            elapsed / (60 * recipe.max_minutes) if recipe.max_minutes else 0.0,
+        ]
+        return max(done)
+
+    blocks = iter(stream)
+    # the rank's k-th block of a step is block k * world + rank of the global batch
+    rows = torch.arange(micro * accumulation) * world + rank
+    bar = tqdm(
+        total=recipe.max_steps,
+        initial=step,
+        desc="pretraining",
+        unit="step",
+        disable=not (impl.progress and accelerator.is_main_process),
+    )
+    window_start, window_steps = time.perf_counter(), 0
+    stop = StopRequest()
+    while progress() < 1.0:
+        started = time.perf_counter()
+        lr = optim.lr * lr_factor(progress(), optim.schedule, optim.warmup, optim.decay)
+        set_lr(optimizer, lr)
+        batch = collate([next(blocks) for _ in range(micro * accumulation)], info)
+        generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
+        inputs, predict = mask_batch(batch, info, recipe.mlm, generator, rows, micro * accumulation * world)
+        masked = accelerator.reduce(predict.sum().float(), "sum")  # over the whole global batch
+        loss_sum = torch.zeros(())
+        for i in range(accumulation):
+            part = slice(i * micro, (i + 1) * micro)
+            last = i == accumulation - 1
+            with accelerator.no_sync(objective) if not last else nullcontext(), accelerator.autocast():
+                loss, _ = objective(
+                    inputs[part], batch["attention_mask"][part], batch["input_ids"][part], predict[part]
+                )
+                # DDP averages gradients over processes; scale so they sum to d(total loss / masked)
+                accelerator.backward(loss * world / masked)
+            loss_sum += loss.detach()
+        if optim.clip > 0:
+            accelerator.clip_grad_norm_(objective.parameters(), optim.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_steps += 1
+        elapsed += time.perf_counter() - started
+        if recipe.max_minutes:  # every process must stop at the same step
+            elapsed = float(accelerator.reduce(torch.tensor(elapsed), "max"))
+        bar.update(1)
+
+        finished = progress() >= 1.0
+        if step % impl.log_every == 0 or finished:
+            loss_value = float(accelerator.reduce(loss_sum, "sum") / masked)
+            now = time.perf_counter()
+            speed = window_steps * tokens_per_step / (now - window_start)
+            window_start, window_steps = now, 0
+            run_log.log(step, loss=loss_value, lr=lr, tokens=step * tokens_per_step, tokens_per_s=speed)
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
+        if step % impl.eval_every == 0 and not finished:
+            run_log.log(
+                step, **evaluate(accelerator.unwrap_model(objective), recipe, tokenizer, info, accelerator)
+            )
+        interrupted = stop.requested(accelerator)
+        if step % impl.save_every == 0 or finished or interrupted:
+            save_checkpoint(
+                run_dir,
+                step,
+                accelerator,
+                objective,
+                optimizer,
+                stream.state_dict(),
+                {"step": step, "elapsed": elapsed, "tokens": step * tokens_per_step},
+                impl.keep_last,
+            )
+        if interrupted:
+            bar.close()
+            stop.restore()
+            log.warning("stopped at step %d, saved in %s; continue with --resume", step, run_dir)
+            raise KeyboardInterrupt
+    bar.close()
+    stop.restore()
+
+    metrics = evaluate(accelerator.unwrap_model(objective), recipe, tokenizer, info, accelerator)
+    run_log.log(step, **metrics)
+    if accelerator.is_main_process:
+        export(
+            recipe,
+            accelerator.unwrap_model(objective).model,
+            tokenizer,
+            run_dir / "final",
+            metrics,
+            tokens=step * tokens_per_step,
+            steps=step,
+        )
+    accelerator.wait_for_everyone()
+    run_log.close()  # ends accelerate's trackers, and with them the process group: last
+    return metrics
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM asks the loop to finish its step, save a checkpoint and stop; a second one
+    stops at once. With several processes they agree on the step to stop at (one tiny all-reduce)."""
+
+    def __init__(self):
+        import signal
+
+        self._signal = signal
+        self._asked = False
+        self._previous = {sig: signal.signal(sig, self._ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _ask(self, signum, frame) -> None:
+        if self._asked:
+            raise KeyboardInterrupt
+        self._asked = True
+        log.warning("stopping after this step (again to stop at once)")
+
+    def requested(self, accelerator) -> bool:
+        if accelerator.num_processes == 1:
+            return self._asked
+        return bool(accelerator.reduce(torch.tensor(float(self._asked)), "max"))
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            self._signal.signal(sig, handler)
+
+
+@torch.no_grad()
+def evaluate(objective: torch.nn.Module, recipe: PretrainRecipe, tokenizer, info, accelerator) -> dict:
+    """MLM loss per masked token (not per batch), perplexity and masked-token accuracy on held-out text."""
+    from mlm_pretrain.corpus import TextStream
+    from mlm_pretrain.objectives.mlm import mask_batch
+    from mlm_pretrain.packing import BlockStream, collate
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro = recipe.optim.micro_batch_size
+    documents = TextStream(recipe.data.validation, text_field=recipe.data.text_field, shuffle_files=False)
+    stream = iter(BlockStream(documents, tokenizer, recipe.data.seq_len, rank=rank, world_size=world))
+    totals = torch.zeros(3)  # loss, correct, masked
+    objective.eval()
+    for index in range(math.ceil(recipe.impl.eval_blocks / (micro * world))):
+        blocks = [b for _, b in zip(range(micro), stream, strict=False)]
+        if not blocks:
+            break
+        batch = collate(blocks, info)
+        generator = torch.Generator().manual_seed(EVAL_SEED + index)
+        rows = torch.arange(len(blocks)) * world + rank
+        inputs, predict = mask_batch(batch, info, recipe.mlm, generator, rows, micro * world, evaluating=True)
+        with accelerator.autocast():
+            loss, correct = objective(inputs, batch["attention_mask"], batch["input_ids"], predict)
+        totals += torch.stack([loss.float(), correct.float(), predict.sum().float()])
+    objective.train()
+    loss, correct, masked = accelerator.reduce(totals, "sum").tolist()
+    if masked == 0:
+        raise InputError(f"validation text {recipe.data.validation} gave no tokens to evaluate on")
+    return {
+        "eval_loss": loss / masked,
+        "eval_perplexity": math.exp(loss / masked),
+        "eval_accuracy": correct / masked,
+        "eval_masked_tokens": int(masked),
+    }
+
+
+def export(
+    recipe: PretrainRecipe,
+    model: torch.nn.Module,
+    tokenizer,
+    out_dir: Path,
+    metrics: dict,
+    tokens: int,
+    steps: int,
+) -> Path:
+    from mlm_pretrain.checkpoint import export_model
+
+    recipe_yaml = yaml.safe_dump(asdict(recipe), sort_keys=False)
+    return export_model(
+        model, tokenizer, out_dir, model_card(recipe, metrics, tokens, steps, recipe_yaml), recipe_yaml
+    )
+
+
+def model_card(recipe: PretrainRecipe, metrics: dict, tokens: int, steps: int, recipe_yaml: str) -> str:
+    m = recipe.model
+    sources = ", ".join(str(s if isinstance(s, str) else s.get("path")) for s in recipe.data.corpus)
+    rows = "\n".join(
+        f"| {k.removeprefix('eval_').replace('_', ' ')} | {v:.4f} |"
+        if isinstance(v, float)
+        else f"| {k.removeprefix('eval_').replace('_', ' ')} | {v} |"
+        for k, v in metrics.items()
+    )
+    return f"""---
+library_name: transformers
+pipeline_tag: fill-mask
+tags: [mlm-pretrain, {m.type}, masked-lm]
+---
+# {m.type} encoder pretrained with mlm-pretrain
+
+A {m.num_layers}-layer, {m.hidden_size}-wide {m.type} masked-language model trained from scratch for
+{steps} steps ({tokens:,} tokens) with masked-token modelling ({recipe.mlm.masking} masking at rate
+{recipe.mlm.mask_rate}). Load it with `AutoModelForMaskedLM.from_pretrained(dir)` or fine-tune it with
+`AutoModelForSequenceClassification.from_pretrained(dir)`; no custom code is needed.
+
+## Data
+Corpus: {sources} (text field `{recipe.data.text_field}`), streamed, packed into {recipe.data.seq_len}-token
+blocks RoBERTa FULL-SENTENCES style. Tokenizer: `{recipe.data.tokenizer}` ({recipe.model.vocab_size or "its"}
+vocabulary). Validation: {", ".join(recipe.data.validation)}.
+
+## Final metrics (validation, masking at {recipe.mlm.eval_mask_rate})
+| metric | value |
+|---|---|
+{rows}
+
+## Recipe
+```yaml
+{recipe_yaml}```
+"""
+
+
+def _checkpoint_to_resume(recipe: PretrainRecipe, run_dir: Path, latest: Path | None) -> Path | None:
+    """The checkpoint to resume from, after checking it belongs to the same plan."""
+    if latest is None:
+        if recipe.impl.resume:
+            log.info("no checkpoint in %s: starting from scratch", run_dir)
+        return None
+    if not recipe.impl.resume:
+        raise InputError(
+            f"{run_dir} already holds checkpoints: continue with --resume, or choose another --out"
+        )
+    saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    saved.pop("impl", None)
+    changed = sorted(_differences(saved, recipe.plan()))
+    if changed:
+        raise InputError(
+            f"{run_dir}/recipe.yaml differs from this recipe in {', '.join(changed)}: a resumed run "
+            "keeps its plan (only impl.* settings may change); choose another --out"
+        )
+    return latest
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    keys = set(a) | set(b)
+    out = []
+    for key in keys:
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            out += _differences(a[key], b[key], f"{prefix}{key}.")
+        elif a.get(key) != b.get(key):
+            out.append(f"{prefix}{key}")
+    return out

@@ -1,0 +1,166 @@
+"""The pretraining command end to end, in subprocesses as a user runs it (tiny model, tiny blocks)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mlm_pretrain.checkpoint import latest_checkpoint
+from mlm_pretrain.errors import InputError
+from mlm_pretrain.recipe import load_recipe
+from mlm_pretrain.trainer import PretrainRecipe
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "--recipe",
+    str(ROOT / "recipes/tiny.yaml"),
+    "data.seq_len=32",
+    "optim.batch_size=8",
+    "optim.micro_batch_size=8",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "eval_blocks=32",
+    "impl.progress=false",
+    "log_every=1",
+]
+
+
+def pretrain(out, *args, launcher=(sys.executable, "-m", "mlm_pretrain"), check=True, **kw):
+    cmd = [*launcher, "pretrain", *TINY, "--out", str(out), *args]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def records(run_dir, key):
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r[key]) for r in map(json.loads, lines) if key in r]
+
+
+@pytest.mark.slow
+def test_a_run_learns_logs_and_exports_a_model_hf_loads(tmp_path):
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    pretrain(tmp_path, "--max-steps", "30", "eval_every=15", "save_every=10", "keep_last=2")
+    losses = [loss for _, loss in records(tmp_path, "loss")]
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < losses[0] - 0.5
+    evals = records(tmp_path, "eval_loss")
+    assert [s for s, _ in evals] == [15, 30] and evals[1][1] < evals[0][1]
+    assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000020", "step-000030"]
+
+    final = tmp_path / "final"
+    assert (final / "model.safetensors").exists() and not list(final.glob("*.bin"))
+    card = (final / "README.md").read_text()
+    assert "perplexity" in card and "max_steps: 30" in card and "@sample" in card
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    model, info = AutoModelForMaskedLM.from_pretrained(final, output_loading_info=True)
+    assert not info["missing_keys"] and len(tokenizer) == model.config.vocab_size == 8192
+    classifier, info = AutoModelForSequenceClassification.from_pretrained(final, output_loading_info=True)
+    assert info["missing_keys"] == {"classifier.weight", "classifier.bias"}
+    with torch.no_grad():
+        logits = model(**tokenizer("it is a truth universally [MASK]", return_tensors="pt")).logits
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_bit_identical_weights(tmp_path):
+    plan = ["--max-steps", "24", "save_every=4", "eval_every=12", "keep_last=3"]
+    pretrain(tmp_path / "straight", *plan)
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "mlm_pretrain", "pretrain", *TINY, "--out", str(killed), *plan]
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step-000008").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed_from = latest_checkpoint(killed)
+    assert resumed_from is not None and int(resumed_from.name[5:]) < 24
+
+    result = pretrain(killed, *plan, "--resume")
+    assert f"resumed from {resumed_from}" in result.stderr
+    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    b = load_file(killed / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert records(tmp_path / "straight", "loss") == records(killed, "loss")
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_loss_curve_of_one(tmp_path):
+    pretrain(tmp_path / "one", "--max-steps", "6", "save_every=100", "eval_every=100")
+    launcher = ("accelerate", "launch", "--num_processes", "2", "--cpu", "-m", "mlm_pretrain")
+    pretrain(
+        tmp_path / "two",
+        "--max-steps",
+        "6",
+        "save_every=100",
+        "eval_every=100",
+        "optim.micro_batch_size=4",
+        launcher=launcher,
+    )
+    one, two = records(tmp_path / "one", "loss"), records(tmp_path / "two", "loss")
+    assert len(one) == len(two) == 6
+    for (step_a, a), (step_b, b) in zip(one, two, strict=True):
+        assert step_a == step_b and a == pytest.approx(b, rel=1e-5)
+    assert records(tmp_path / "one", "eval_loss")[0][1] == pytest.approx(
+        records(tmp_path / "two", "eval_loss")[0][1], rel=1e-5
+    )
+    checkpoint = latest_checkpoint(tmp_path / "two")
+    assert (checkpoint / "data-0.json").exists() and (checkpoint / "data-1.json").exists()
+
+
+def test_a_run_directory_is_never_silently_reused(tmp_path):
+    pretrain(tmp_path, "--max-steps", "2", "save_every=1", "eval_every=100", "eval_blocks=8")
+    again = pretrain(tmp_path, "--max-steps", "2", check=False)
+    assert again.returncode == 2 and "already holds checkpoints: continue with --resume" in again.stderr
+    changed = pretrain(tmp_path, "--max-steps", "2", "--resume", "optim.lr=0.1", check=False)
+    assert changed.returncode == 2 and "differs from this recipe in optim.lr" in changed.stderr
+    (tmp_path / "checkpoints" / "step-000003.partial").mkdir()  # what a crash mid-save leaves
+    assert latest_checkpoint(tmp_path).name == "step-000002"
+
+
+def test_recipe_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  hidden: 64\n")
+    with pytest.raises(
+        InputError, match=r"unknown key 'model.hidden'; valid keys in model: type, hidden_size"
+    ):
+        load_recipe(PretrainRecipe, bad)
+    bad.write_text("optim:\n  lr: fast\n")
+    with pytest.raises(InputError, match=r"optim.lr: expected float, got 'fast'"):
+        load_recipe(PretrainRecipe, bad)
+    with pytest.raises(InputError, match=r"unknown recipe key 'lr_max'; valid keys: seed, objective"):
+        load_recipe(PretrainRecipe, None, ["lr_max=3"])
+    recipe = load_recipe(
+        PretrainRecipe, ROOT / "recipes/tiny.yaml", ["mask_rate=0.3", "max_steps=12", "impl.threads=1"]
+    )
+    assert recipe.mlm.mask_rate == 0.3 and recipe.max_steps == 12 and recipe.impl.threads == 1
+    result = subprocess.run(
+        [sys.executable, "-m", "mlm_pretrain", "pretrain", "--recipe", str(bad)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "optim.lr" in result.stderr
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_is_valid(recipe):
+    if recipe.name.startswith("tokenizer"):
+        from mlm_pretrain.cli.tokenizer import TokenizerRecipe
+
+        load_recipe(TokenizerRecipe, recipe)
+    else:
+        load_recipe(PretrainRecipe, recipe)

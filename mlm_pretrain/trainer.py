@@ -97,10 +97,12 @@ class PretrainRecipe:
 def pretrain(recipe: PretrainRecipe) -> dict:
     """Run (or resume) the recipe; return the final evaluation metrics. Every process calls this."""
     from accelerate import Accelerator
+    from huggingface_hub import get_token
     from tqdm.auto import tqdm
 
     from mlm_pretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from mlm_pretrain.corpus import TextStream
+    from mlm_pretrain.hub import push_checkpoint
     from mlm_pretrain.models import build_model, count_parameters
     from mlm_pretrain.objectives.mlm import SparseMLM, mask_batch
     from mlm_pretrain.optim import build_optimizer, lr_factor, set_lr
@@ -122,6 +124,10 @@ def pretrain(recipe: PretrainRecipe) -> dict:
             f"{micro} x {world} processes"
         )
     accumulation = optim.batch_size // (micro * world)
+    if impl.push_to_hub and get_token() is None:  # fail now, not at the first push hours from now
+        raise InputError(
+            f"impl.push_to_hub={impl.push_to_hub} needs a Hub token: set HF_TOKEN or run `hf auth login`"
+        )
     checkpoint = _checkpoint_to_resume(recipe, run_dir, latest_checkpoint(run_dir))
     accelerator.wait_for_everyone()  # every process has read the old recipe before it is replaced
     if accelerator.is_main_process:
@@ -151,7 +157,7 @@ def pretrain(recipe: PretrainRecipe) -> dict:
         world_size=world,
     )
 
-    step, elapsed = 0, 0.0
+    step, elapsed, metrics = 0, 0.0, {}
     if checkpoint is not None:
         data_state, trainer_state = load_checkpoint(checkpoint, accelerator, objective, optimizer)
         stream.load_state_dict(data_state)
@@ -229,9 +235,8 @@ def pretrain(recipe: PretrainRecipe) -> dict:
             run_log.log(step, loss=loss_value, lr=lr, tokens=step * tokens_per_step, tokens_per_s=speed)
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
         if step % impl.eval_every == 0 and not finished:
-            run_log.log(
-                step, **evaluate(accelerator.unwrap_model(objective), recipe, tokenizer, info, accelerator)
-            )
+            metrics = evaluate(accelerator.unwrap_model(objective), recipe, tokenizer, info, accelerator)
+            run_log.log(step, **metrics)
         interrupted = stop.requested(accelerator)
         if step % impl.save_every == 0 or finished or interrupted:
             save_checkpoint(
@@ -244,6 +249,18 @@ def pretrain(recipe: PretrainRecipe) -> dict:
                 {"step": step, "elapsed": elapsed, "tokens": step * tokens_per_step},
                 impl.keep_last,
             )
+            pushes_due = impl.push_every and (step // impl.save_every) % impl.push_every == 0
+            if impl.push_to_hub and pushes_due and not finished and accelerator.is_main_process:
+                model_dir = export(
+                    recipe,
+                    accelerator.unwrap_model(objective).model,
+                    tokenizer,
+                    run_dir / "hub_export",
+                    metrics,
+                    tokens=step * tokens_per_step,
+                    steps=step,
+                )
+                push_checkpoint(model_dir, impl.push_to_hub, step=step)
         if interrupted:
             bar.close()
             stop.restore()
@@ -264,6 +281,8 @@ def pretrain(recipe: PretrainRecipe) -> dict:
             tokens=step * tokens_per_step,
             steps=step,
         )
+        if impl.push_to_hub:
+            push_checkpoint(run_dir / "final", impl.push_to_hub, step=step)
     accelerator.wait_for_everyone()
     run_log.close()  # ends accelerate's trackers, and with them the process group: last
     return metrics

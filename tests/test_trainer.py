@@ -164,3 +164,37 @@ def test_every_shipped_recipe_is_valid(recipe):
         load_recipe(TokenizerRecipe, recipe)
     else:
         load_recipe(PretrainRecipe, recipe)
+
+
+@pytest.mark.slow
+def test_pretraining_pushes_every_n_checkpoints_without_leaking_the_token(tmp_path):
+    from hub_server import FakeHub
+
+    token = "hf_PretrainPushToken1234567890"
+    env = {**os.environ, "HF_TOKEN": token, "HF_HUB_DISABLE_XET": "1", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE")  # the one test that talks to a Hub: the fake one on 127.0.0.1
+    with FakeHub(token) as hub:
+        env["HF_ENDPOINT"] = hub.url
+        result = pretrain(
+            tmp_path / "run",
+            "--max-steps",
+            "6",
+            "save_every=2",
+            "eval_every=100",
+            "impl.push_to_hub=someone/tiny-mlm",
+            "impl.push_every=2",
+            env=env,
+        )
+    commits = [c["summary"] for c in hub.repos["someone/tiny-mlm"].commits]
+    assert commits == ["Checkpoint at step 4", "Checkpoint at step 6"]
+    pushed = hub.repos["someone/tiny-mlm"].branches["main"]
+    assert pushed["model.safetensors"] == (tmp_path / "run" / "final" / "model.safetensors").read_bytes()
+    assert not any(name.endswith(".pt") for name in pushed)
+    assert token not in result.stdout + result.stderr
+    assert not [p for p in (tmp_path / "run").rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
+
+    no_token = {k: v for k, v in env.items() if k != "HF_TOKEN"}
+    refused = pretrain(
+        tmp_path / "other", "--max-steps", "2", "impl.push_to_hub=someone/x", env=no_token, check=False
+    )
+    assert refused.returncode == 2 and "needs a Hub token" in refused.stderr

@@ -21,6 +21,7 @@ UPLOADED = {
     "config.json",
     "model.safetensors",
     "tokenizer.json",
+    "tokenizer_report.json",
     "tokenizer_config.json",
     "README.md",
     "eval_results.json",
@@ -51,10 +52,11 @@ def model_dir(tiny_checkpoint, tmp_path) -> Path:
 
 @pytest.fixture
 def hub_env(monkeypatch, tmp_path):
-    """The token in HF_TOKEN, no login cache, no xet."""
+    """The token in HF_TOKEN, no login cache, no xet, online (to the fake Hub on 127.0.0.1 only)."""
     import huggingface_hub.constants
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-login-cache"))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
 
@@ -141,7 +143,7 @@ def test_push_sends_exactly_the_staged_files(model_dir, hub_env, caplog, capsys)
         assert TOKEN not in r.path and TOKEN not in str(others) and TOKEN.encode() not in r.body, r.path
     assert not any(TOKEN.encode() in data for data in uploaded.values())
     logged = caplog.text + "".join(capsys.readouterr())
-    assert "uploading 6 files" in logged and TOKEN not in logged
+    assert f"uploading {len(UPLOADED)} files" in logged and TOKEN not in logged
     assert files_holding(TOKEN, model_dir) == []
 
 
@@ -195,6 +197,7 @@ def test_push_command_end_to_end(model_dir, tmp_path):
         "HF_HOME": str(tmp_path / "hf_home"),
         "PYTHONPATH": str(ROOT),
     }
+    env.pop("HF_HUB_OFFLINE", None)
     push = [sys.executable, "-m", "mlm_pretrain", "push"]
     command = [*push, str(model_dir), "--repo-id", "someone/tiny"]
     with FakeHub(TOKEN) as hub:

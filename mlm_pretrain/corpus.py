@@ -4,10 +4,10 @@
 epochs as asked. Nothing is loaded whole and nothing is cached on disk: files are read line by line
 (or batch by batch for Parquet), and the reader position is a byte offset (a row index for Parquet),
 so `load_state_dict` seeks straight to it instead of re-reading what came before. The one exception is
-gzip, which cannot seek: restoring a `.gz` position decompresses up to it (about 1 s per 300 MB of
-text), but neither parses nor tokenizes it.
+gzip, which cannot seek: restoring a `.gz` position decompresses up to it (measured here, on a busy
+2-core machine, about 1 s per 30 MB of text), but neither parses nor tokenizes it.
 
-What bad input does (docs/corpus.md lists the same):
+What bad input does (the README lists the same):
 
 stops the run with an `InputError` naming the file (and line)
     a missing path or a glob that matches nothing, an unsupported file type, a truncated or corrupt

@@ -28,8 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="train a tokenizer (WordPiece, byte-level BPE or Unigram) from a corpus",
         description="Train a BERT-style WordPiece, RoBERTa-style byte-level BPE or SentencePiece-style "
         "Unigram tokenizer from the streaming corpus, and save a directory AutoTokenizer.from_pretrained "
-        "loads, with tokenizer_report.json (vocabulary size, UNK rate and fertility on held-out text, time, memory). "
-        "Flags override the recipe's keys.",
+        "loads, with tokenizer_report.json (vocabulary size, UNK rate and fertility on held-out text, "
+        "time, memory). Flags override the recipe's keys.",
     )
     p.add_argument("--recipe", help="YAML recipe with the keys below (e.g. recipes/tokenizer-default.yaml)")
     add_corpus_args(p)

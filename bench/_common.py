@@ -1,0 +1,68 @@
+"""What the data-spine benchmarks share: run one side in its own process, read its figures, print a table.
+
+A side is `python bench/<script>.py --side NAME ...`; it prints one JSON line at its end (`report`), which
+carries its own peak RSS, so each side's memory is its own and not the parent's.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = str(ROOT.parent / "shared" / "data")
+MARK = "BENCH-RESULT "
+
+
+def peak_rss_mb() -> dict[str, float]:
+    """Peak RSS of this process and of its largest child (e.g. a `datasets.map` worker), in MB."""
+    self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {"rss_mb": round(self_kb / 1024), "child_rss_mb": round(child_kb / 1024)}
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its finished children so far: under other people's load,
+    tokens per CPU-second compare sides more steadily than tokens per wall-clock second."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def report(figures: dict) -> None:
+    """Print a side's figures (with its peak RSS) as the line `run_side` reads."""
+    print(MARK + json.dumps({**figures, **peak_rss_mb()}), flush=True)
+
+
+def run_side(script: str, side: str, args: Sequence[str], env: dict | None = None) -> dict:
+    """Run `script --side side args...` in a fresh interpreter and return the figures it reported."""
+    cmd = [sys.executable, str(ROOT / "bench" / script), "--side", side, *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [line for line in done.stdout.splitlines() if line.startswith(MARK)]
+    if done.returncode != 0 or not lines:
+        sys.exit(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    return json.loads(lines[-1][len(MARK) :])
+
+
+def median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def table(header: Sequence[str], rows: list[Sequence]) -> str:
+    """A Markdown table, numbers right-aligned with thousands separators."""
+
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+        return f"{value:,}" if isinstance(value, int) else str(value)
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
+    lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |"]
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines += ["| " + " | ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in cells]
+    return "\n".join(lines)

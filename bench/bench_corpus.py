@@ -1,0 +1,191 @@
+"""Loader throughput: our stream → tokenize → pack against the run_mlm.py way, and the raw tokenizer.
+
+Sides, each in its own process (so its peak RSS is its own), alternated round by round:
+
+ours     `BlockStream(TextStream(corpus), tokenizer, 128)` iterated to the end, as a training loop would.
+run_mlm  HF examples/pytorch/language-modeling/run_mlm.py's preprocessing, as a user would run it on these
+         files: `load_dataset("text")` for the .txt/.txt.gz files and `load_dataset("json")` for the
+         .jsonl.gz one (its `text` column), concatenated, then `.map(tokenize, batched=True, num_proc=2)`
+         with `return_special_tokens_mask=True` and `.map(group_texts, batched=True, num_proc=2)`.
+         Each run gets a fresh, empty HF_DATASETS_CACHE, so no run reuses another's Arrow cache.
+raw      the fast tokenizer's `encode_batch` (and `encode_batch_fast`) over the same documents already in
+         memory: the ceiling, as it neither reads files nor packs.
+
+tokens/s counts document tokens (no [CLS]/[SEP]/[PAD]) tokenized per wall-clock second, the same count
+for every side. "delivered" is the document tokens that come out inside blocks; run_mlm's group_texts
+drops the remainder of every 1000-row map batch.
+
+    python bench/bench_corpus.py                                   # the default 8k WordPiece
+    python bench/bench_corpus.py --tokenizer /tmp/wp30k --rounds 3 # e.g. one bench_tokenizer.py --keep made
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from itertools import chain
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DEFAULT_DATA, ROOT, cpu_seconds, median, report, run_side, table  # noqa: E402
+
+SIDES = ("ours", "run_mlm", "raw")
+
+
+def side_ours(corpus: str, tokenizer_dir: str, seq_len: int, shuffle_buffer: int) -> dict:
+    from mlm_pretrain.corpus import TextStream
+    from mlm_pretrain.packing import BlockStream
+    from mlm_pretrain.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    start, cpu = time.perf_counter(), cpu_seconds()
+    documents = TextStream([corpus], epochs=1, seed=0)
+    stream = BlockStream(documents, tokenizer, seq_len, shuffle_buffer=shuffle_buffer, seed=0)
+    blocks = sum(1 for _ in stream)
+    seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+    assert stream.tokens_read == stream.tokens_packed
+    docs = documents.stats["documents"]  # every document is followed by exactly one separator
+    return {
+        "seconds": seconds,
+        "cpu": cpu,
+        "doc_tokens": stream.tokens_read - docs,
+        "delivered": stream.tokens_packed - docs,
+        "blocks": blocks,
+    }
+
+
+def side_run_mlm(corpus: str, tokenizer_dir: str, seq_len: int, num_proc: int) -> dict:
+    with tempfile.TemporaryDirectory(prefix="hf-datasets-cache-") as cache:
+        os.environ["HF_DATASETS_CACHE"] = cache  # before `datasets` is imported: a cold cache every run
+        import datasets
+        import numpy as np
+        import pyarrow.compute as pc
+
+        from mlm_pretrain.tokenizer import load_tokenizer
+
+        datasets.disable_progress_bars()
+        tokenizer = load_tokenizer(tokenizer_dir)
+        files = sorted(str(p) for p in Path(corpus).iterdir() if p.is_file())
+        text_files = [f for f in files if f.endswith((".txt", ".txt.gz"))]
+        json_files = [f for f in files if f.endswith((".jsonl", ".jsonl.gz"))]
+
+        def tokenize_function(examples):
+            return tokenizer(examples["text"], return_special_tokens_mask=True)
+
+        def group_texts(examples):  # verbatim from run_mlm.py
+            concatenated_examples = {k: list(chain(*examples[k])) for k in examples}
+            total_length = len(concatenated_examples[list(examples.keys())[0]])
+            total_length = (total_length // seq_len) * seq_len
+            return {
+                k: [t[i : i + seq_len] for i in range(0, total_length, seq_len)]
+                for k, t in concatenated_examples.items()
+            }
+
+        start, cpu = time.perf_counter(), cpu_seconds()
+        parts = [datasets.load_dataset("text", data_files={"train": text_files}, split="train")]
+        if json_files:
+            json_ds = datasets.load_dataset("json", data_files={"train": json_files}, split="train")
+            parts.append(json_ds.select_columns(["text"]))
+        raw = datasets.concatenate_datasets(parts)
+        tokenized = raw.map(tokenize_function, batched=True, num_proc=num_proc, remove_columns=["text"])
+        grouped = tokenized.map(group_texts, batched=True, num_proc=num_proc)
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu  # the workers' CPU included
+
+        specials = np.array(sorted({tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id}))
+
+        def doc_tokens(ds) -> int:
+            ids = pc.list_flatten(ds.data.column("input_ids")).to_numpy()
+            return int((~np.isin(ids, specials)).sum())
+
+        return {
+            "seconds": seconds,
+            "cpu": cpu,
+            "doc_tokens": doc_tokens(tokenized),
+            "delivered": doc_tokens(grouped),
+            "blocks": len(grouped),
+        }
+
+
+def side_raw(corpus: str, tokenizer_dir: str) -> dict:
+    from mlm_pretrain.corpus import TextStream
+    from mlm_pretrain.tokenizer import load_tokenizer
+
+    backend = load_tokenizer(tokenizer_dir).backend_tokenizer
+    docs = list(TextStream([corpus], epochs=1, seed=0))
+    figures = {}
+    for name in ("encode_batch", "encode_batch_fast"):
+        start, cpu = time.perf_counter(), cpu_seconds()
+        encodings = getattr(backend, name)(docs, add_special_tokens=False)
+        figures[f"seconds_{name}"], figures[f"cpu_{name}"] = time.perf_counter() - start, cpu_seconds() - cpu
+        figures["doc_tokens"] = sum(len(e.ids) for e in encodings)
+        del encodings
+    return figures
+
+
+def main() -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--tokenizer", default=str(ROOT / "tokenizers" / "default-wordpiece-8k"))
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--num-proc", type=int, default=2, help="run_mlm's --preprocessing_num_workers")
+    parser.add_argument("--shuffle-buffer", type=int, default=0, help="ours: blocks in the shuffle buffer")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--sides", default=",".join(SIDES))
+    parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side
+    args = parser.parse_args()
+    corpus = str(Path(args.data) / "corpus")
+
+    if args.side == "ours":
+        return report(side_ours(corpus, args.tokenizer, args.seq_len, args.shuffle_buffer))
+    if args.side == "run_mlm":
+        return report(side_run_mlm(corpus, args.tokenizer, args.seq_len, args.num_proc))
+    if args.side == "raw":
+        return report(side_raw(corpus, args.tokenizer))
+
+    sides = args.sides.split(",")
+    forwarded = ["--data", args.data, "--tokenizer", args.tokenizer, "--seq-len", str(args.seq_len)]
+    forwarded += ["--num-proc", str(args.num_proc), "--shuffle-buffer", str(args.shuffle_buffer)]
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for round_ in range(args.rounds):
+        for side in sides:
+            result = run_side("bench_corpus.py", side, forwarded)
+            runs[side].append(result)
+            seconds = result.get("seconds", result.get("seconds_encode_batch"))
+            print(f"round {round_ + 1} {side:8s} {seconds:6.1f} s", flush=True)
+
+    def rate(side: str, key: str) -> float:
+        return median([{"v": r["doc_tokens"] / r[key]} for r in runs[side]], "v")
+
+    rows = []
+    for side in sides:
+        for variant in [""] if side != "raw" else ["_encode_batch", "_encode_batch_fast"]:
+            first = runs[side][0]
+            delivered = first.get("delivered", "-")
+            rows.append(
+                [
+                    side + variant.replace("_", " ", 1),
+                    rate(side, "seconds" + variant),
+                    rate(side, "seconds" + variant) / rate("run_mlm", "seconds")
+                    if "run_mlm" in runs
+                    else "-",
+                    rate(side, "cpu" + variant),
+                    median(runs[side], "seconds" + variant),
+                    first["doc_tokens"],
+                    delivered,
+                    first["doc_tokens"] - delivered if side != "raw" else "-",
+                    int(median(runs[side], "rss_mb")),
+                    int(median(runs[side], "child_rss_mb")) if side == "run_mlm" else "-",
+                ]
+            )
+    print(f"\n{corpus}, tokenizer {args.tokenizer}, seq_len {args.seq_len}, medians of {args.rounds} rounds")
+    header = ["side", "tokens/s", "x run_mlm", "tokens/CPU-s", "s", "doc tokens", "delivered", "dropped"]
+    header += ["RSS MB", "worker MB"]
+    print(table(header, rows))
+
+
+if __name__ == "__main__":
+    main()

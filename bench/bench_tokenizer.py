@@ -1,0 +1,136 @@
+"""Tokenizer training: our `train_tokenizer` (streaming from a TextStream) against raw `tokenizers` training.
+
+Both train on the same documents of the whole corpus with the same normalizer, pre-tokenizer and trainer
+(`build_tokenizer_and_trainer`: lowercase, min_frequency 2): ours holds out every 100th document to
+measure its report, so raw gets the same 99% of the documents, read into a Python list first and passed
+to `Tokenizer.train_from_iterator` (the read is timed apart). Each side runs in its own process (its own
+peak RSS), the sides alternating round by round.
+
+"train s" is the `train_from_iterator` call: for ours it includes streaming the files (the reading happens
+inside it), for raw it does not. "total s" is ours's whole `train_tokenizer` (training, saving, measuring
+the held-out documents) and raw's read + train.
+
+    python bench/bench_tokenizer.py                         # WordPiece and byte-level BPE, vocab 30522
+    python bench/bench_tokenizer.py --kinds wordpiece --keep /tmp/wp30k   # keep ours for bench_corpus.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DEFAULT_DATA, median, report, run_side, table  # noqa: E402
+
+
+def vocab_digest(vocab: dict[str, int]) -> str:
+    return hashlib.sha1(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:12]
+
+
+def side_ours(corpus: str, kind: str, vocab_size: int, keep: str | None) -> dict:
+    from tokenizers import Tokenizer
+
+    from mlm_pretrain.corpus import TextStream
+    from mlm_pretrain.tokenizer import train_tokenizer
+
+    out = keep or tempfile.mkdtemp(prefix="bench-tokenizer-")
+    start = time.perf_counter()
+    rep = train_tokenizer(
+        TextStream([corpus], epochs=1, seed=0), out, kind=kind, vocab_size=vocab_size, progress=False
+    )
+    total = time.perf_counter() - start
+    vocab = Tokenizer.from_file(str(Path(out) / "tokenizer.json")).get_vocab()
+    if not keep:
+        shutil.rmtree(out)
+    return {
+        "train": rep.train_seconds,
+        "total": total,
+        "docs": rep.documents_trained,
+        "vocab": vocab_digest(vocab),
+    }
+
+
+def side_raw(corpus: str, kind: str, vocab_size: int) -> dict:
+    from mlm_pretrain.corpus import TextStream
+    from mlm_pretrain.tokenizer import HOLDOUT_EVERY, build_tokenizer_and_trainer
+
+    start = time.perf_counter()
+    docs = [
+        d
+        for i, d in enumerate(TextStream([corpus], epochs=1, seed=0))
+        if i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1
+    ]
+    read = time.perf_counter() - start
+    tok, trainer = build_tokenizer_and_trainer(kind, vocab_size, lowercase=True, min_frequency=2)
+    start = time.perf_counter()
+    tok.train_from_iterator(docs, trainer=trainer)
+    train = time.perf_counter() - start
+    return {"train": train, "total": read + train, "docs": len(docs), "vocab": vocab_digest(tok.get_vocab())}
+
+
+def main() -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--data", default=DEFAULT_DATA)
+    parser.add_argument("--kinds", default="wordpiece,bpe")
+    parser.add_argument("--vocab-size", type=int, default=30522)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--keep", help="save ours's (first kind's) tokenizer here")
+    parser.add_argument("--side", choices=("ours", "raw"), help=argparse.SUPPRESS)  # internal: run one side
+    parser.add_argument("--kind", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    corpus = str(Path(args.data) / "corpus")
+
+    if args.side == "ours":
+        return report(side_ours(corpus, args.kind, args.vocab_size, args.keep))
+    if args.side == "raw":
+        return report(side_raw(corpus, args.kind, args.vocab_size))
+
+    kinds = args.kinds.split(",")
+    runs: dict[tuple[str, str], list[dict]] = {(k, s): [] for k in kinds for s in ("ours", "raw")}
+    for round_ in range(args.rounds):
+        for kind in kinds:
+            for side in ("ours", "raw"):
+                extra = ["--keep", args.keep] if side == "ours" and args.keep and kind == kinds[0] else []
+                forwarded = [
+                    "--data",
+                    args.data,
+                    "--kind",
+                    kind,
+                    "--vocab-size",
+                    str(args.vocab_size),
+                    *extra,
+                ]
+                result = run_side("bench_tokenizer.py", side, forwarded)
+                runs[kind, side].append(result)
+                print(f"round {round_ + 1} {kind:9s} {side:4s} train {result['train']:6.1f} s", flush=True)
+
+    rows = []
+    for (kind, side), results in runs.items():
+        raw_train = median(runs[kind, "raw"], "train")
+        rows.append(
+            [
+                kind,
+                side,
+                median(results, "train"),
+                f"{median(results, 'train') / raw_train:.2f}",
+                median(results, "total"),
+                int(median(results, "rss_mb")),
+                results[0]["docs"],
+                results[0]["vocab"],
+            ]
+        )
+    print(f"\n{corpus}: vocab {args.vocab_size}, medians of {args.rounds} rounds")
+    print(
+        table(["kind", "side", "train s", "/ raw", "total s", "peak RSS MB", "documents", "vocab sha1"], rows)
+    )
+
+
+if __name__ == "__main__":
+    main()

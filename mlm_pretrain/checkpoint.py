@@ -38,7 +38,25 @@ def save_checkpoint(
     trainer_state: dict,
     keep_last: int,
 ) -> Path:
-    """Write checkpoint `step` atomically (all ranks call this), keep the newest `keep_last`."""
+    """Write checkpoint `step` of an MLM run atomically (all ranks call this), keep the newest `keep_last`."""
+
+    def write_rank_files(partial: Path, rank: int) -> None:
+        torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, partial / f"rng-{rank}.pt")
+        (partial / f"data-{rank}.json").write_text(json.dumps(data_state, default=_jsonable))
+
+    def write_shared_files(partial: Path) -> None:
+        save_model(accelerator.unwrap_model(model), str(partial / "model.safetensors"))
+        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+        (partial / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+
+    return write_atomically(run_dir, step, accelerator, write_rank_files, write_shared_files, keep_last)
+
+
+def write_atomically(
+    run_dir: Path, step: int, accelerator, write_rank_files, write_shared_files, keep_last: int
+) -> Path:
+    """The checkpoint protocol: every rank writes its files into `step-N.partial`, the main process its
+    shared ones, then the directory is renamed `step-N` (atomic) and older ones beyond `keep_last` go."""
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step-{step:06d}"
     partial = root / f"step-{step:06d}.partial"
@@ -46,19 +64,15 @@ def save_checkpoint(
         shutil.rmtree(partial, ignore_errors=True)  # left by a crash: never trusted
         partial.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    rank = accelerator.process_index
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, partial / f"rng-{rank}.pt")
-    (partial / f"data-{rank}.json").write_text(json.dumps(data_state, default=_jsonable))
+    write_rank_files(partial, accelerator.process_index)
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), str(partial / "model.safetensors"))
-        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
-        (partial / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        write_shared_files(partial)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
-        for old in sorted(complete_checkpoints(run_dir))[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old[1])
+        for _, old in complete_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
 

@@ -26,6 +26,9 @@ class ModelRecipe:
     vocab_size: int | None = None  # default: the tokenizer's; any other value is an error
     max_position_embeddings: int | None = None  # default: the sequence length
     init_from: str | None = None  # an HF masked-LM directory to continue from instead of random weights
+    # a word2vec run's final/ directory, trained with `word2vec.tokens: tokenizer` over the same tokenizer:
+    # its vectors initialise the input embeddings (projected if their size differs)
+    init_embeddings: str | None = None
 
 
 def build_model(recipe: ModelRecipe, tokenizer, seq_len: int) -> torch.nn.Module:
@@ -51,7 +54,17 @@ def build_model(recipe: ModelRecipe, tokenizer, seq_len: int) -> torch.nn.Module
     positions = recipe.max_position_embeddings or seq_len
     if positions < seq_len:
         raise InputError(f"model.max_position_embeddings {positions} is shorter than data.seq_len {seq_len}")
-    return _model_class(recipe.type)(_config(recipe, tokenizer, positions))
+    model = _model_class(recipe.type)(_config(recipe, tokenizer, positions))
+    if recipe.init_embeddings:
+        from mlm_pretrain.word_vectors import init_embeddings_from_word2vec, load_pretrained
+
+        rows = init_embeddings_from_word2vec(model, load_pretrained(recipe.init_embeddings), tokenizer)
+        if rows == 0:
+            raise InputError(
+                f"model.init_embeddings: no vector in {recipe.init_embeddings} matches a token of "
+                "the tokenizer; train the vectors with word2vec.tokens: tokenizer over it"
+            )
+    return model
 
 
 def _config(recipe: ModelRecipe, tokenizer, positions: int):

@@ -30,11 +30,12 @@ import yaml
 from mlm_pretrain.errors import InputError
 from mlm_pretrain.models import ModelRecipe
 from mlm_pretrain.objectives.mlm import MaskingConfig
+from mlm_pretrain.objectives.word2vec import Word2VecConfig
 from mlm_pretrain.optim import OptimRecipe
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = ("mlm",)
+OBJECTIVES = ("mlm", "skipgram", "cbow")
 EVAL_SEED = 20_240_601  # evaluation masks are the same at every evaluation of every run
 
 
@@ -79,6 +80,9 @@ class PretrainRecipe:
     model: ModelRecipe = field(default_factory=ModelRecipe)
     mlm: MaskingConfig = field(default_factory=MaskingConfig)
     optim: OptimRecipe = field(default_factory=OptimRecipe)
+    # objective skipgram | cbow: its settings (word2vec.objective follows the top-level objective,
+    # word2vec.tokenizer defaults to data.tokenizer, word2vec.seed to seed)
+    word2vec: Word2VecConfig = field(default_factory=Word2VecConfig)
     impl: ImplRecipe = field(default_factory=ImplRecipe)
 
     def __post_init__(self) -> None:
@@ -96,6 +100,10 @@ class PretrainRecipe:
 
 def pretrain(recipe: PretrainRecipe) -> dict:
     """Run (or resume) the recipe; return the final evaluation metrics. Every process calls this."""
+    if recipe.objective != "mlm":
+        from mlm_pretrain.word2vec_trainer import pretrain_word2vec
+
+        return pretrain_word2vec(recipe)
     from accelerate import Accelerator
     from huggingface_hub import get_token
     from tqdm.auto import tqdm
@@ -128,7 +136,7 @@ def pretrain(recipe: PretrainRecipe) -> dict:
         raise InputError(
             f"impl.push_to_hub={impl.push_to_hub} needs a Hub token: set HF_TOKEN or run `hf auth login`"
         )
-    checkpoint = _checkpoint_to_resume(recipe, run_dir, latest_checkpoint(run_dir))
+    checkpoint = checkpoint_to_resume(recipe, run_dir, latest_checkpoint(run_dir))
     accelerator.wait_for_everyone()  # every process has read the old recipe before it is replaced
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -405,7 +413,7 @@ vocabulary). Validation: {", ".join(recipe.data.validation)}.
 """
 
 
-def _checkpoint_to_resume(recipe: PretrainRecipe, run_dir: Path, latest: Path | None) -> Path | None:
+def checkpoint_to_resume(recipe: PretrainRecipe, run_dir: Path, latest: Path | None) -> Path | None:
     """The checkpoint to resume from, after checking it belongs to the same plan."""
     if latest is None:
         if recipe.impl.resume:

@@ -34,14 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    # key=value overrides may sit anywhere on the line, between flags too: argparse alone keeps only the
-    # first run of positionals, so gather the rest here
-    args, extra = parser.parse_known_args(argv)
-    stray = [token for token in extra if not OVERRIDE.match(token) or not hasattr(args, "overrides")]
-    if stray:
-        parser.error(f"unrecognized arguments: {' '.join(stray)}")
-    if extra:
-        args.overrides = [*args.overrides, *extra]
+    # key=value overrides may stand anywhere on the line, after `--corpus a b` too: take them out first
+    # (a path holding "=" can be written ./a=b.txt)
+    argv = sys.argv[1:] if argv is None else argv
+    overrides = [token for token in argv if OVERRIDE.match(token)]
+    args = parser.parse_args([token for token in argv if not OVERRIDE.match(token)])
+    if overrides:
+        if not hasattr(args, "overrides"):
+            parser.error(f"{args.command} takes no key=value overrides: {' '.join(overrides)}")
+        args.overrides = overrides
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

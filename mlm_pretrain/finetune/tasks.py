@@ -1,0 +1,305 @@
+"""Downstream tasks: the GLUE registry, local task directories and files, and how each is scored.
+
+A `Task` holds its splits in memory as columns (texts, and a second text column for pair tasks), with
+labels already mapped to class ids (or floats for regression). Three roles matter to fine-tuning:
+`train`, `validation` (early stopping and model selection) and `scored` (the splits whose metrics are
+reported: `test` for a local task that has one; the GLUE dev sets for GLUE, whose test labels are
+hidden). When a task has no separate validation split, a seeded slice of train is held out for it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlm_pretrain.errors import InputError
+
+METRICS = ("accuracy", "f1", "matthews_correlation", "pearsonr", "spearmanr")
+REGRESSION_METRICS = ("pearsonr", "spearmanr")
+HOLDOUT_FRACTION = 0.1
+HOLDOUT_SEED = 0  # fixed, so every seed and the baseline see the same train/validation cut
+FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+
+
+@dataclass(frozen=True)
+class GlueSpec:
+    text_fields: tuple[str, ...]
+    num_labels: int  # 1 means regression
+    metrics: tuple[str, ...]
+    scored_splits: tuple[str, ...] = ("validation",)
+
+
+GLUE_TASKS = {
+    "cola": GlueSpec(("sentence",), 2, ("matthews_correlation",)),
+    "sst2": GlueSpec(("sentence",), 2, ("accuracy",)),
+    "mrpc": GlueSpec(("sentence1", "sentence2"), 2, ("f1", "accuracy")),
+    "stsb": GlueSpec(("sentence1", "sentence2"), 1, ("pearsonr", "spearmanr")),
+    "qqp": GlueSpec(("question1", "question2"), 2, ("f1", "accuracy")),
+    "mnli": GlueSpec(
+        ("premise", "hypothesis"), 3, ("accuracy",), ("validation_matched", "validation_mismatched")
+    ),
+    "qnli": GlueSpec(("question", "sentence"), 2, ("accuracy",)),
+    "rte": GlueSpec(("sentence1", "sentence2"), 2, ("accuracy",)),
+    "wnli": GlueSpec(("sentence1", "sentence2"), 2, ("accuracy",)),
+}
+
+
+@dataclass
+class Split:
+    texts: list[str]
+    pair_texts: list[str] | None  # second sentence of pair tasks
+    labels: list  # class ids (int) or targets (float)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: list[int]) -> Split:
+        pairs = None if self.pair_texts is None else [self.pair_texts[i] for i in indices]
+        return Split([self.texts[i] for i in indices], pairs, [self.labels[i] for i in indices])
+
+
+@dataclass
+class Task:
+    name: str
+    train: Split
+    validation: Split
+    scored: dict[str, Split]
+    label_names: list[str] | None  # None for regression
+    metrics: tuple[str, ...]
+    source: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def is_regression(self) -> bool:
+        return self.label_names is None
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.label_names is None else len(self.label_names)
+
+    @property
+    def is_pair(self) -> bool:
+        return self.train.pair_texts is not None
+
+
+def load_task(
+    name_or_path: str,
+    *,
+    train: str | None = None,
+    validation: str | None = None,
+    test: str | None = None,
+    text_fields: tuple[str, ...] | None = None,
+    label_field: str = "label",
+    metric: str | None = None,
+) -> Task:
+    """A GLUE task name, a task directory (train/validation/test files), or explicit split files.
+
+    With `train` given, `name_or_path` is only the task's name. `metric` overrides the default choice.
+    """
+    if metric is not None and metric not in METRICS:
+        raise InputError(f"unknown metric {metric!r}; valid: {', '.join(METRICS)}")
+    if train is not None:
+        files = {
+            "train": Path(train),
+            "validation": validation and Path(validation),
+            "test": test and Path(test),
+        }
+        return _load_local(name_or_path, files, text_fields, label_field, metric)
+    path = Path(name_or_path)
+    if path.is_dir():
+        files = {split: _find_split_file(path, split) for split in ("train", "validation", "test")}
+        if files["train"] is None:
+            raise InputError(
+                f"{path}: no train file (train{{{','.join(FILE_SUFFIXES)}}}) in the task directory"
+            )
+        return _load_local(path.name, files, text_fields, label_field, metric)
+    if name_or_path.lower() in GLUE_TASKS:
+        return _load_glue(name_or_path.lower(), metric)
+    raise InputError(
+        f"task {name_or_path!r}: not a directory, and not a GLUE task ({', '.join(GLUE_TASKS)}); "
+        "give a task directory, or --train FILE with --text-fields and --label-field"
+    )
+
+
+def _find_split_file(directory: Path, split: str) -> Path | None:
+    for suffix in FILE_SUFFIXES:
+        candidate = directory / f"{split}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) pairs of a JSONL/JSON-lines, CSV or TSV file."""
+    if not path.is_file():
+        raise InputError(f"{path}: no such file")
+    if path.suffix in (".csv", ".tsv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+            return [(reader.line_num, row) for row in reader]
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path}:{line_no}: not a JSON line ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise InputError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+            rows.append((line_no, row))
+    if not rows:
+        raise InputError(f"{path}: no rows")
+    return rows
+
+
+def _guess_text_fields(path: Path, row: dict) -> tuple[str, ...]:
+    for fields in (("sentence1", "sentence2"), ("text",), ("sentence",)):
+        if all(name in row for name in fields):
+            return fields
+    raise InputError(
+        f"{path}: cannot tell the text field(s) from the keys {sorted(row)}; give --text-fields "
+        "(one field, or two comma-separated for sentence pairs)"
+    )
+
+
+def _parse_label(value) -> int | float | str:
+    """JSON numbers keep their type; CSV strings become int or float when they parse as such."""
+    if isinstance(value, bool):
+        return int(value)
+    if isinstance(value, int | float):
+        return value
+    text = str(value).strip()
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _read_split(
+    path: Path, text_fields: tuple[str, ...], label_field: str
+) -> tuple[list[str], list[str] | None, list]:
+    texts, pairs, labels = [], [] if len(text_fields) == 2 else None, []
+    for line_no, row in _read_rows(path):
+        for name in (*text_fields, label_field):
+            if row.get(name) is None or (name == label_field and row[name] == ""):
+                raise InputError(f"{path}:{line_no}: missing field {name!r} (keys: {sorted(row)})")
+        texts.append(str(row[text_fields[0]]))
+        if pairs is not None:
+            pairs.append(str(row[text_fields[1]]))
+        labels.append(_parse_label(row[label_field]))
+    return texts, pairs, labels
+
+
+def _load_local(
+    name: str,
+    files: dict[str, Path | None],
+    text_fields: tuple[str, ...] | None,
+    label_field: str,
+    metric: str | None,
+) -> Task:
+    if text_fields is None:
+        text_fields = _guess_text_fields(files["train"], _read_rows(files["train"])[0][1])
+    if len(text_fields) not in (1, 2):
+        raise InputError(f"--text-fields: expected one or two field names, got {len(text_fields)}")
+    raw = {split: _read_split(path, text_fields, label_field) for split, path in files.items() if path}
+    all_labels = [label for _, _, labels in raw.values() for label in labels]
+    regression = any(isinstance(label, float) for label in all_labels)
+    if regression and any(isinstance(label, str) for label in all_labels):
+        raise InputError(f"{files['train']}: field {label_field!r} mixes numbers and class names")
+    label_names = None if regression else sorted({str(label) for label in all_labels}, key=_natural_key)
+    to_id = {name: i for i, name in enumerate(label_names or [])}
+
+    def split_of(texts, pairs, labels) -> Split:
+        targets = [float(v) for v in labels] if regression else [to_id[str(v)] for v in labels]
+        return Split(texts, pairs, targets)
+
+    splits = {split: split_of(*columns) for split, columns in raw.items()}
+    notes = []
+    train_split = splits["train"]
+    scored_name = "test" if "test" in splits else "validation"
+    if scored_name not in splits:
+        raise InputError(f"task {name!r}: needs a test or a validation file to score on")
+    validation_split = splits.get("validation") if scored_name == "test" else None
+    if validation_split is None:
+        train_split, validation_split = holdout(train_split, HOLDOUT_FRACTION, HOLDOUT_SEED)
+        notes.append(f"no validation split: {len(validation_split)} train rows held out for early stopping")
+    metrics = _pick_metrics(regression, train_split.labels, metric)
+    return Task(
+        name=name,
+        train=train_split,
+        validation=validation_split,
+        scored={scored_name: splits[scored_name]},
+        label_names=label_names,
+        metrics=metrics,
+        source=str(files["train"].parent if files["train"] else ""),
+        notes=notes,
+    )
+
+
+def _natural_key(label: str) -> tuple:
+    """Class ids in numeric order when the labels are numbers ("2" before "10"), else alphabetical."""
+    try:
+        return (0, float(label), label)
+    except ValueError:
+        return (1, 0.0, label)
+
+
+def _pick_metrics(regression: bool, train_labels: list, metric: str | None) -> tuple[str, ...]:
+    """Pearson/Spearman for regression; F1 for imbalanced binary tasks (minority < 25%); else accuracy."""
+    if metric is not None:
+        return (metric,)
+    if regression:
+        return REGRESSION_METRICS
+    classes = set(train_labels)
+    if len(classes) == 2 and min(train_labels.count(c) for c in classes) < 0.25 * len(train_labels):
+        return ("f1",)
+    return ("accuracy",)
+
+
+def holdout(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """(rest, held out): a seeded random `fraction` of the rows, at least one on each side."""
+    order = list(range(len(split)))
+    random.Random(seed).shuffle(order)
+    n_out = min(max(1, round(fraction * len(order))), len(order) - 1)
+    return split.subset(sorted(order[n_out:])), split.subset(sorted(order[:n_out]))
+
+
+def _load_glue(name: str, metric: str | None) -> Task:
+    """A GLUE task from the Hub (`nyu-mll/glue`); needs network access or a warm `datasets` cache."""
+    import datasets
+
+    spec = GLUE_TASKS[name]
+    try:
+        dataset = datasets.load_dataset("nyu-mll/glue", name)
+    except Exception as err:  # offline, or the Hub unreachable: say which task and why
+        raise InputError(f"GLUE task {name!r}: cannot load nyu-mll/glue from the Hub ({err})") from err
+
+    def split_of(split_name: str) -> Split:
+        columns = dataset[split_name]
+        pairs = columns[spec.text_fields[1]] if len(spec.text_fields) == 2 else None
+        labels = columns["label"]
+        return Split(
+            columns[spec.text_fields[0]],
+            pairs,
+            [float(v) for v in labels] if spec.num_labels == 1 else labels,
+        )
+
+    train_split, validation_split = holdout(split_of("train"), HOLDOUT_FRACTION, HOLDOUT_SEED)
+    label_feature = dataset["train"].features["label"]
+    return Task(
+        name=name,
+        train=train_split,
+        validation=validation_split,
+        scored={split: split_of(split) for split in spec.scored_splits},
+        label_names=None if spec.num_labels == 1 else list(label_feature.names),
+        metrics=(metric,) if metric else spec.metrics,
+        source="nyu-mll/glue",
+        notes=["GLUE test labels are hidden: scored on the dev set(s); early stopping on 10% of train"],
+    )

@@ -1,0 +1,24 @@
+"""Spearman rank correlation coefficient between predictions and references.
+
+A local `evaluate` module shipped with mlm-pretrain, so `evaluate.load(<this directory>)` works offline
+(`evaluate.load("spearmanr")` would fetch the script from the Hub).
+"""
+
+import datasets
+import evaluate
+from scipy.stats import spearmanr
+
+
+class Spearmanr(evaluate.Metric):
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description="Spearman rank correlation coefficient between predictions and references.",
+            citation="",
+            inputs_description="predictions and references: lists of scores",
+            features=datasets.Features(
+                {"predictions": datasets.Value("float32"), "references": datasets.Value("float32")}
+            ),
+        )
+
+    def _compute(self, predictions, references) -> dict:
+        return {"spearmanr": float(spearmanr(references, predictions)[0])}

@@ -50,6 +50,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-length", type=int, default=128, help="tokens per example, longer ones truncated")
     p.add_argument("--mixed-precision", choices=("no", "bf16"), default="no")
     p.add_argument(
+        "--threads", type=int, help="torch threads (default: all cores; 1 is best for tiny models)"
+    )
+    p.add_argument(
         "--from-scratch",
         action="store_true",
         help="same architecture with random weights: shows what pretraining adds",
@@ -83,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         patience=args.patience,
         max_length=args.max_length,
         mixed_precision=args.mixed_precision,
+        threads=args.threads,
     )
     result = finetune(
         args.model,

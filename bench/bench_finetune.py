@@ -27,38 +27,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_checkpoint(task_dir: Path, out: Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+    from mlm_pretrain.models import ModelRecipe, build_model
+    from mlm_pretrain.tokenizer import load_tokenizer, train_tokenizer
 
     texts = [json.loads(line)["text"] for line in (task_dir / "train.jsonl").read_text().splitlines()]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
-    )
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        pad_token="[PAD]",
-        mask_token="[MASK]",
+    train_tokenizer(texts, out, vocab_size=vocab_size, progress=False)
+    build_model(
+        ModelRecipe(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024),
+        load_tokenizer(out),
+        512,
     ).save_pretrained(out)
-    assert len(AutoTokenizer.from_pretrained(out)) == tok.get_vocab_size()
-    config = BertConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        intermediate_size=1024,
-    )
-    BertForMaskedLM(config).save_pretrained(out)
 
 
 def run_ours(args: argparse.Namespace) -> dict:

@@ -14,17 +14,17 @@ import pytest
 DATA = Path(__file__).parent / "data"
 
 
-def build_tiny_checkpoint(out: Path, vocab_size: int = 300) -> Path:
-    """A WordPiece tokenizer trained on tests/data/austen_8k.txt and a 2-layer, 32-wide BertForMaskedLM,
-    both saved with save_pretrained (weights as model.safetensors) into `out`."""
+def build_tiny_checkpoint(out: Path, texts: list[str] | None = None, vocab_size: int = 300) -> Path:
+    """A WordPiece tokenizer trained on `texts` (default: tests/data/austen_8k.txt) and a 2-layer, 32-wide
+    BertForMaskedLM, both saved with save_pretrained (weights as model.safetensors) into `out`."""
     from mlm_pretrain.models import ModelRecipe, build_model
     from mlm_pretrain.tokenizer import load_tokenizer, train_tokenizer
 
-    lines = (DATA / "austen_8k.txt").read_text(encoding="utf-8").splitlines()
-    train_tokenizer(lines, out, vocab_size=vocab_size, min_frequency=1, progress=False, model_max_length=64)
+    texts = texts or (DATA / "austen_8k.txt").read_text(encoding="utf-8").splitlines()
+    train_tokenizer(texts, out, vocab_size=vocab_size, min_frequency=1, progress=False, model_max_length=128)
     tokenizer = load_tokenizer(out)
     model = build_model(
-        ModelRecipe(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), tokenizer, 64
+        ModelRecipe(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64), tokenizer, 128
     )
     model.save_pretrained(out)
     return out

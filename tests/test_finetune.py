@@ -37,44 +37,13 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+    from conftest import build_tiny_checkpoint
 
     rt_rows = (DATA / "rt_sentiment" / "train.jsonl").read_text().splitlines()
     stsb_rows = (DATA / "stsb" / "train.jsonl").read_text().splitlines()
     texts = [json.loads(line)["text"] for line in rt_rows]
     texts += [json.loads(line)[key] for line in stsb_rows for key in ("sentence1", "sentence2")]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=800, special_tokens=specials))
-    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
-    )
-    out = tmp_path_factory.mktemp("tiny_bert")
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        pad_token="[PAD]",
-        mask_token="[MASK]",
-    ).save_pretrained(out)
-    assert len(AutoTokenizer.from_pretrained(out)) == tok.get_vocab_size()
-    config = BertConfig(
-        vocab_size=tok.get_vocab_size(),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertForMaskedLM(config).save_pretrained(out)
-    return out
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_bert"), texts, vocab_size=800)
 
 
 def test_local_task_directory_loads_with_sensible_metrics():

@@ -183,9 +183,7 @@ def check_loadable(folder: Path) -> str:
     except _LOAD_ERRORS as err:
         raise InputError(f"the staged model does not load with {auto_name}: {err}") from err
     problems = [
-        f"{key}: {sorted(info[key])[:5]}"
-        for key in ("missing_keys", "mismatched_keys")
-        if info.get(key)
+        f"{key}: {sorted(info[key])[:5]}" for key in ("missing_keys", "mismatched_keys") if info.get(key)
     ]
     if problems:
         raise InputError(f"model.safetensors does not match {architecture}: " + "; ".join(problems))

@@ -53,7 +53,9 @@ def build_optimizer(
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    # fused: one kernel for all parameters instead of ~7 small ops each (on CPU, 125-350 ms a step -> ~25 ms
+    # for a 4x256 BERT, measured in bench/bench_pretrain.py)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
 
 def lr_factor(progress: float, schedule: str, warmup: float, decay: float = 0.2) -> float:

@@ -125,12 +125,23 @@ class SparseMLM(torch.nn.Module):
     vocabulary, runs on the masked ones only, as in Cramming and MosaicBERT. The loss is a sum, so the
     trainer can divide by the masked-token count of the whole global batch. (It is a module, not a
     function, so that DistributedDataParallel sees the forward pass and syncs gradients.)
+
+    `compile_head` compiles the head with its loss, for a number of masked positions that changes every
+    step (dynamic shapes: one graph): it fuses the casts, the softmax and the loss over the vocabulary,
+    which eager mode runs as separate passes over a (masked tokens x vocabulary) tensor.
     """
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, compile_head: bool = False):
         super().__init__()
         self.model = model
-        head_of(model)  # fail now, not at the first step, on a model without a known MLM head
+        head = head_of(model)  # fail now, not at the first step, on a model without a known MLM head
+
+        def score(hidden: torch.Tensor, labels: torch.Tensor, count_correct: bool):
+            logits = head(hidden)
+            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            return loss, (logits.argmax(-1) == labels).sum() if count_correct else None
+
+        self._score = torch.compile(score, dynamic=True) if compile_head else score
 
     def forward(
         self,
@@ -138,14 +149,14 @@ class SparseMLM(torch.nn.Module):
         attention_mask: torch.Tensor,
         targets: torch.Tensor,
         predict: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed cross-entropy, number of correct predictions) over the `predict` positions."""
+        count_correct: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(summed cross-entropy, number of correct predictions) over the `predict` positions.
+
+        Training, which has no use for the count, skips it (`count_correct=False`: it returns None): in
+        eager mode an argmax over the vocabulary at every masked position costs as much as the softmax."""
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        logits = head_of(self.model)(hidden[predict])
-        labels = targets[predict]
-        loss = F.cross_entropy(logits.float(), labels, reduction="sum")
-        correct = (logits.argmax(-1) == labels).sum()
-        return loss, correct
+        return self._score(hidden[predict], targets[predict], count_correct)
 
 
 def head_of(model: torch.nn.Module):

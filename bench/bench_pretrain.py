@@ -1,0 +1,407 @@
+"""Pretraining throughput: `mlm-pretrain pretrain` against the HF Trainer path a user would otherwise run.
+
+The peer is `run_mlm.py` style: `BertForMaskedLM` + `DataCollatorForLanguageModeling(mlm_probability=0.15)` +
+`transformers.Trainer`. Both sides train the same model (BERT, hidden 256, 4 layers, 4 heads, intermediate
+1024, seq 128, batch 32) from the same initial weights, with a 30,522-token WordPiece tokenizer trained on the
+shared corpus (where the vocabulary head dominates a model this small), on the same 128-token blocks (ours
+streams them; the peer gets the very blocks our stream yields, pre-tokenized in a `datasets.Dataset`, in its
+own shuffled order), with the same optimiser settings and schedule. Ours is the real command:
+`mlm_pretrain.cli.main(["pretrain", ...])` in a child process, timed from its `metrics.jsonl`.
+
+Two settings, each compared at equal settings: fp32 eager, and bf16 autocast + `torch.compile` (ours compiles
+the encoder; the peer runs `Trainer(bf16=True, torch_compile=True, use_cpu=True)`). Every run is a child
+process (its peak RSS is its own); rounds alternate ours / peer. The first `--warmup` steps of every run
+(compilation, shuffle-buffer fill) are not timed.
+
+FLOPs per token, counted as 6 x (parameters in the matmuls) per position they run at:
+    encoder: 6 x L x (4 H^2 + 2 H I)                      at every position, both sides
+    head:    6 x (H^2 + H V)   (transform + vocabulary decoder)   at every position (peer) or at the
+             masked positions only (ours: a fraction f of the tokens, measured on the blocks)
+(attention scores, 12 x L x seq x H per token, are left out on both sides.) MFU is achieved FLOP/s over the
+best `torch.matmul` rate of the same precision measured in the same round.
+
+    python bench/bench_pretrain.py                         # both settings, 3 rounds
+    python bench/bench_pretrain.py --settings fp32 --rounds 2 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DEFAULT_DATA, ROOT, report, run_side, table  # noqa: E402
+
+SETTINGS = {  # name: (impl.mixed_precision, compile)
+    "fp32": ("no", False),
+    "bf16-compile": ("bf16", True),
+}
+BATCH, SEQ_LEN = 32, 128
+
+
+def recipe_overrides(args: argparse.Namespace, setting: str) -> list[str]:
+    """The recipe both sides follow, as `mlm-pretrain pretrain` key=value overrides."""
+    precision, compile_ = SETTINGS[setting]
+    data = Path(args.data)
+    return [
+        f"data.corpus=['{data / 'corpus'}']",
+        f"data.validation=['{data / 'validation' / 'corpus_validation.jsonl'}']",
+        f"data.tokenizer={args.tokenizer}",
+        f"data.seq_len={SEQ_LEN}",
+        "model.type=bert",
+        "model.hidden_size=256",
+        "model.num_layers=4",
+        "model.num_heads=4",
+        "model.intermediate_size=1024",
+        "mlm.mask_rate=0.15",
+        "mlm.masking=token",
+        f"optim.batch_size={BATCH}",
+        f"optim.micro_batch_size={BATCH}",
+        f"max_steps={args.warmup + args.steps}",
+        f"impl.mixed_precision='{precision}'",  # quoted: YAML reads a bare no as false
+        f"impl.compile={str(compile_).lower()}",
+        "impl.log_every=1",
+        "impl.eval_every=1000000",
+        "impl.save_every=1000000",
+        "impl.eval_blocks=32",
+        "impl.progress=false",
+    ]
+
+
+def load(args: argparse.Namespace, setting: str = "fp32"):
+    from mlm_pretrain.recipe import load_recipe
+    from mlm_pretrain.trainer import PretrainRecipe
+
+    return load_recipe(PretrainRecipe, None, recipe_overrides(args, setting))
+
+
+# ---------------------------------------------------------------------------------------------- the sides
+
+
+class Clock:
+    """Wall-clock and CPU time (this process, all threads) at the end of every training step."""
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def tick(self) -> None:
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+
+    def speeds(self, warmup: int) -> dict:
+        """Tokens per second and per CPU-second over the steps after the first `warmup`."""
+        tokens = (len(self.wall) - warmup) * BATCH * SEQ_LEN
+        return {
+            "tokens_per_s": tokens / (self.wall[-1] - self.wall[warmup - 1]),
+            "tokens_per_cpu_s": tokens / (self.cpu[-1] - self.cpu[warmup - 1]),
+        }
+
+
+def side_ours(args: argparse.Namespace) -> dict:
+    """The real `mlm-pretrain pretrain` command, in this process; figures read from its metrics.jsonl."""
+    from mlm_pretrain.cli import main
+    from mlm_pretrain.run_log import RunLog
+
+    # the loop logs every step (impl.log_every=1): read both clocks there, as the peer's on_step_end does
+    clock = Clock()
+    log = RunLog.log
+
+    def log_and_clock(self, step: int, **metrics: float) -> None:
+        log(self, step, **metrics)
+        if "tokens_per_s" in metrics:
+            clock.tick()
+
+    RunLog.log = log_and_clock
+    out = Path(args.work) / f"ours-{args.setting}-{args.round}"
+    argv = ["pretrain", *recipe_overrides(args, args.setting), f"model.init_from={args.work}/init"]
+    if main([*argv, f"impl.out={out}"]) != 0:
+        sys.exit("mlm-pretrain pretrain failed")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(out)
+    return {**clock.speeds(args.warmup), "losses": [r["loss"] for r in records if "tokens_per_s" in r]}
+
+
+def side_hf(args: argparse.Namespace) -> dict:
+    """HF's run_mlm.py path: BertForMaskedLM + DataCollatorForLanguageModeling + Trainer."""
+    import datasets
+    import numpy as np
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        BertForMaskedLM,
+        DataCollatorForLanguageModeling,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    torch.set_num_threads(os.cpu_count() or 1)  # as ours does
+    precision, compile_ = SETTINGS[args.setting]
+    optim = load(args, args.setting).optim
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    blocks = np.load(Path(args.work) / "blocks.npy").astype(np.int64)
+    dataset = datasets.Dataset.from_dict(
+        {
+            "input_ids": blocks,
+            "attention_mask": (blocks != tokenizer.pad_token_id).astype(np.int64),
+            "special_tokens_mask": np.isin(blocks, tokenizer.all_special_ids).astype(np.int64),
+        }
+    )
+    model = BertForMaskedLM.from_pretrained(Path(args.work) / "init")
+
+    clock = Clock()
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, *_, **__) -> None:
+            clock.tick()
+
+    training_args = TrainingArguments(
+        output_dir=str(Path(args.work) / f"hf-{args.setting}-{args.round}"),
+        per_device_train_batch_size=BATCH,
+        max_steps=args.warmup + args.steps,
+        learning_rate=optim.lr,
+        lr_scheduler_type="linear",
+        warmup_steps=optim.warmup,  # a float below 1 is a fraction of the run, as ours
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.betas[0],
+        adam_beta2=optim.betas[1],
+        adam_epsilon=optim.eps,
+        max_grad_norm=optim.clip,
+        bf16=precision == "bf16",
+        torch_compile=compile_,
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+        remove_unused_columns=False,  # keep special_tokens_mask for the collator, as run_mlm.py means to
+    )
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15),
+        callbacks=[StepClock()],
+    )
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    return {**clock.speeds(args.warmup), "losses": losses}
+
+
+def side_ceiling(args: argparse.Namespace) -> dict:
+    """The best rate of a large fp32 and bf16 `torch.matmul` on this machine now, in GFLOP/s."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    n, out = 2048, {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        torch.matmul(a, b)
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            torch.matmul(a, b)
+            best = min(best, time.perf_counter() - start)
+        out[f"{name}_gflops"] = 2 * n**3 / best / 1e9
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the parent
+
+
+def ensure_tokenizer(args: argparse.Namespace) -> None:
+    if (Path(args.tokenizer) / "tokenizer.json").is_file():
+        return
+    print(
+        f"training a 30,522-token WordPiece tokenizer on {args.data}/corpus into {args.tokenizer}", flush=True
+    )
+    subprocess.run(
+        [sys.executable, "-m", "mlm_pretrain", "tokenizer", "--corpus", f"{args.data}/corpus"]
+        + ["--vocab-size", "30522", "--out", args.tokenizer],
+        check=True,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
+
+
+def prepare(args: argparse.Namespace) -> dict:
+    """Write the shared initial weights and the peer's blocks; check the sparse loss on one batch.
+
+    Returns the FLOP counts and the loss check."""
+    import numpy as np
+    import torch
+
+    from mlm_pretrain.corpus import TextStream
+    from mlm_pretrain.models import build_model
+    from mlm_pretrain.objectives.mlm import SparseMLM, mask_batch
+    from mlm_pretrain.packing import BlockStream, TokenInfo, collate
+    from mlm_pretrain.tokenizer import load_tokenizer
+
+    recipe = load(args)
+    tokenizer = load_tokenizer(recipe.data.tokenizer)
+    torch.manual_seed(recipe.seed)
+    model = build_model(recipe.model, tokenizer, recipe.data.seq_len)
+    model.save_pretrained(Path(args.work) / "init")
+    # the stream exactly as `pretrain` builds it (one process), so these are the blocks ours trains on
+    documents = TextStream(
+        recipe.data.corpus, text_field=recipe.data.text_field, seed=recipe.seed, epochs=None
+    )
+    stream = BlockStream(
+        documents, tokenizer, recipe.data.seq_len, shuffle_buffer=recipe.data.shuffle_buffer, seed=recipe.seed
+    )
+    count = (args.warmup + args.steps) * BATCH
+    blocks = np.stack([block for _, block in zip(range(count), stream, strict=False)])
+    np.save(Path(args.work) / "blocks.npy", blocks)
+
+    # the fraction of tokens the sparse head runs at, and our loss against HF's on one masked batch
+    info = TokenInfo(tokenizer)
+    batch = collate(list(blocks), info)
+    _, predict = mask_batch(batch, info, recipe.mlm, torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        small = {k: v[:8] for k, v in batch.items()}
+        inputs, mask = mask_batch(small, info, recipe.mlm, torch.Generator().manual_seed(1))
+        sparse, _ = SparseMLM(model)(inputs, small["attention_mask"], small["input_ids"], mask)
+        labels = torch.where(mask, small["input_ids"], -100)
+        dense = model(input_ids=inputs, attention_mask=small["attention_mask"], labels=labels).loss
+    c = model.config
+    encoder = c.num_hidden_layers * (4 * c.hidden_size**2 + 2 * c.hidden_size * c.intermediate_size)
+    head = c.hidden_size**2 + c.hidden_size * c.vocab_size
+    fraction = float(predict.float().mean())
+    return {
+        "vocab": c.vocab_size,
+        "masked_fraction": fraction,
+        "flops_per_token": {"ours": 6 * (encoder + fraction * head), "hf": 6 * (encoder + head)},
+        "sparse_loss": float(sparse / mask.sum()),
+        "dense_loss": float(dense),
+        "masked_in_check": int(mask.sum()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", default=DEFAULT_DATA, help="the shared data directory [../shared/data]")
+    parser.add_argument("--tokenizer", default="/tmp/tok30k", help="30k WordPiece dir (trained if missing)")
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=25, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
+    parser.add_argument("--side", choices=["ours", "hf", "ceiling"], help=argparse.SUPPRESS)
+    parser.add_argument("--setting", help=argparse.SUPPRESS)
+    parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1")
+    if args.side:
+        report({"ours": side_ours, "hf": side_hf, "ceiling": side_ceiling}[args.side](args))
+        return
+
+    started = time.perf_counter()
+    ensure_tokenizer(args)
+    args.work = tempfile.mkdtemp(prefix="bench_pretrain_")
+    try:
+        prep = prepare(args)
+        results = run_rounds(args)
+    finally:
+        shutil.rmtree(args.work, ignore_errors=True)
+    print_results(args, prep, results, time.perf_counter() - started)
+
+
+def run_rounds(args: argparse.Namespace) -> dict:
+    common = [
+        "--data", args.data, "--tokenizer", args.tokenizer, "--work", args.work,
+        "--steps", str(args.steps), "--warmup", str(args.warmup),
+    ]  # fmt: skip
+    results: dict = {"ceiling": [], **{(s, side): [] for s in args.settings for side in ("ours", "hf")}}
+    for round_ in range(args.rounds):
+        results["ceiling"].append(run_side("bench_pretrain.py", "ceiling", common))
+        for setting in args.settings:
+            order = ("ours", "hf") if round_ % 2 == 0 else ("hf", "ours")
+            for side in order:
+                figures = run_side(
+                    "bench_pretrain.py", side, [*common, "--setting", setting, "--round", str(round_)]
+                )
+                results[setting, side].append(figures)
+                print(
+                    f"round {round_ + 1}/{args.rounds} {setting:>12} {side:>4}: "
+                    f"{figures['tokens_per_s']:,.0f} tokens/s, "
+                    f"{figures['tokens_per_cpu_s']:,.0f} tokens/CPU-s, "
+                    f"peak RSS {figures['rss_mb']:,} MB",
+                    flush=True,
+                )
+    return results
+
+
+def print_results(args: argparse.Namespace, prep: dict, results: dict, seconds: float) -> None:
+    # a ceiling: the best of all rounds (a round under other people's load measures them, not the machine)
+    ceiling = {p: max(r[f"{p}_gflops"] for r in results["ceiling"]) for p in ("fp32", "bf16")}
+    flops = prep["flops_per_token"]
+    rows, losses = [], []
+    for setting in args.settings:
+        peak = ceiling["bf16" if SETTINGS[setting][0] == "bf16" else "fp32"] * 1e9
+        runs = {side: results[setting, side] for side in ("ours", "hf")}
+        speed = {side: statistics.median(r["tokens_per_s"] for r in runs[side]) for side in runs}
+        pairs = list(zip(runs["ours"], runs["hf"], strict=True))  # the same round: the same load, roughly
+        ratios = [o["tokens_per_s"] / h["tokens_per_s"] for o, h in pairs]
+        cpu_ratios = [o["tokens_per_cpu_s"] / h["tokens_per_cpu_s"] for o, h in pairs]
+        rows.append(
+            [
+                setting,
+                speed["ours"],
+                speed["hf"],
+                f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})",
+                f"{statistics.median(cpu_ratios):.2f}x",
+                max(r["rss_mb"] for r in runs["ours"]),
+                max(r["rss_mb"] for r in runs["hf"]),
+                f"{100 * speed['ours'] * flops['ours'] / peak:.1f}%",
+                f"{100 * speed['hf'] * flops['hf'] / peak:.1f}%",
+            ]
+        )
+        for side in ("ours", "hf"):
+            curve = [statistics.median(step) for step in zip(*(r["losses"] for r in runs[side]), strict=True)]
+            marks = sorted({1, len(curve) // 4, len(curve) // 2, 3 * len(curve) // 4, len(curve)} - {0})
+            losses.append([setting, side, *(curve[i - 1] for i in marks), statistics.mean(curve[-10:])])
+    print()
+    print(
+        f"BERT 4x256 (intermediate 1024), vocab {prep['vocab']:,}, batch {BATCH} x {SEQ_LEN} tokens; "
+        f"{args.rounds} rounds, {args.steps} timed steps per run after {args.warmup}; medians over rounds"
+    )
+    print(
+        f"matmul ceiling (2048^3, best of 5 in each of {args.rounds} rounds): "
+        f"fp32 {ceiling['fp32']:,.0f} GFLOP/s, bf16 {ceiling['bf16']:,.0f} GFLOP/s"
+    )
+    print(
+        f"FLOPs/token: ours {flops['ours'] / 1e6:.1f}M (head at {100 * prep['masked_fraction']:.1f}% of "
+        f"tokens), HF {flops['hf'] / 1e6:.1f}M (head at every token)"
+    )
+    header = ["setting", "ours tok/s", "HF tok/s", "ratio (range)", "per CPU-s", "ours RSS MB", "HF RSS MB"]
+    print(table([*header, "ours MFU", "HF MFU"], rows))
+    print()
+    steps = args.warmup + args.steps
+    marks = sorted({1, steps // 4, steps // 2, 3 * steps // 4, steps} - {0})
+    print("training MLM loss per masked token (median over rounds), same init, same blocks, lr schedule:")
+    print(table(["setting", "side", *(f"step {m}" for m in marks), "mean last 10"], losses))
+    print()
+    print(
+        f"one identical masked batch (8 blocks, {prep['masked_in_check']} masked, fp32, initial weights): "
+        f"SparseMLM loss/masked {prep['sparse_loss']:.6f}, "
+        f"HF BertForMaskedLM dense loss {prep['dense_loss']:.6f}"
+    )
+    print(f"bench took {seconds / 60:.1f} minutes")
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,7 @@ from mlm_pretrain.cli.common import add_corpus_args, corpus_overrides
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pretrain",
-        help="pretrain a BERT/RoBERTa/ModernBERT encoder (masked tokens) from a recipe",
+        help="pretrain a BERT/RoBERTa/ModernBERT encoder (masked tokens) or word vectors (skip-gram, CBOW)",
         description="Pretrain an encoder from scratch on a streamed corpus, as the recipe says; flags and "
         "key=value overrides (dotted, e.g. optim.lr=5e-4, or a unique key name, e.g. mask_rate=0.3) change "
         "it. The run directory (--out) gets checkpoints/, metrics.jsonl, TensorBoard logs, loss_curve.png "
@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "checkpoint and stops; --resume continues from the newest one. Works under "
         "`accelerate launch [--num_processes N --cpu] -m mlm_pretrain pretrain ...`.",
     )
-    p.add_argument("--recipe", help="YAML recipe (see recipes/); default: the built-in small CPU recipe")
+    p.add_argument("--recipe", help="YAML recipe (see recipes/); default: the tiny recipe in the package")
     add_corpus_args(p)
     p.add_argument("--validation", nargs="+", metavar="PATH", help="held-out text for evaluation")
     p.add_argument("--tokenizer", help="tokenizer directory (from `mlm-pretrain tokenizer`)")
@@ -50,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
         *(f"{k}={v}" for k, v in flags.items() if v is not None),
         *args.overrides,
     ]
-    recipe = load_recipe(PretrainRecipe, args.recipe, overrides)
+    from mlm_pretrain.corpus import PACKAGE_DATA
+
+    recipe = load_recipe(PretrainRecipe, args.recipe or PACKAGE_DATA / "recipes" / "tiny.yaml", overrides)
     metrics = pretrain(recipe)
     from accelerate import PartialState
 

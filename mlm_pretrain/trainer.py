@@ -372,9 +372,7 @@ def model_card(recipe: PretrainRecipe, metrics: dict, tokens: int, steps: int, r
     m = recipe.model
     sources = ", ".join(str(s if isinstance(s, str) else s.get("path")) for s in recipe.data.corpus)
     rows = "\n".join(
-        f"| {k.removeprefix('eval_').replace('_', ' ')} | {v:.4f} |"
-        if isinstance(v, float)
-        else f"| {k.removeprefix('eval_').replace('_', ' ')} | {v} |"
+        f"| {k.removeprefix('eval_').replace('_', ' ')} | {f'{v:.4f}' if isinstance(v, float) else v} |"
         for k, v in metrics.items()
     )
     return f"""---
@@ -391,8 +389,8 @@ A {m.num_layers}-layer, {m.hidden_size}-wide {m.type} masked-language model trai
 
 ## Data
 Corpus: {sources} (text field `{recipe.data.text_field}`), streamed, packed into {recipe.data.seq_len}-token
-blocks RoBERTa FULL-SENTENCES style. Tokenizer: `{recipe.data.tokenizer}` ({recipe.model.vocab_size or "its"}
-vocabulary). Validation: {", ".join(recipe.data.validation)}.
+blocks RoBERTa FULL-SENTENCES style. Tokenizer: `{recipe.data.tokenizer}` (saved here too). Validation:
+{", ".join(recipe.data.validation)}.
 
 ## Final metrics (validation, masking at {recipe.mlm.eval_mask_rate})
 | metric | value |

@@ -94,19 +94,20 @@ def pretrain_word2vec(recipe) -> dict:
     metrics = evaluate(vectors)
     run_log.log(step, **metrics, effective_words=model.effective_words)
     if accelerator.is_main_process:
-        export(recipe, vectors, run_dir / "final", metrics)
+        export(recipe, config, vectors, run_dir / "final", metrics)
     accelerator.wait_for_everyone()
     run_log.close()
     return metrics
 
 
-def export(recipe, vectors, out_dir: Path, metrics: dict) -> Path:
+def export(recipe, config, vectors, out_dir: Path, metrics: dict) -> Path:
+    """`final/`: both word2vec formats, the safetensors directory, the recipe and a card."""
     from mlm_pretrain.word_vectors import save_pretrained, save_word2vec_format
 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_word2vec_format(vectors, out_dir / "vectors.txt")
     save_word2vec_format(vectors, out_dir / "vectors.bin", binary=True)
-    save_pretrained(vectors, out_dir, config=dataclasses.asdict(recipe.word2vec))
+    save_pretrained(vectors, out_dir, config=dataclasses.asdict(config))
     rows = "\n".join(f"| {k.replace('_', ' ')} | {v:.4f} |" for k, v in metrics.items())
     recipe_yaml = yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False)
     (out_dir / "recipe.yaml").write_text(recipe_yaml)
@@ -115,7 +116,7 @@ tags: [mlm-pretrain, word2vec, {recipe.objective}]
 ---
 # {recipe.objective} word vectors trained with mlm-pretrain
 
-{len(vectors.words)} vectors of size {recipe.word2vec.vector_size}, negative sampling, on
+{len(vectors.words)} vectors of size {config.vector_size}, negative sampling, on
 {", ".join(str(s if isinstance(s, str) else s.get("path")) for s in recipe.data.corpus)}.
 
 - `vectors.txt`, `vectors.bin`: word2vec formats (`gensim.models.KeyedVectors.load_word2vec_format`).

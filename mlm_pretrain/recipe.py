@@ -137,10 +137,6 @@ def check_type(value: Any, hint: Any, where: str) -> Any:
     raise InputError(f"{where}: expected {_describe(hint)}, got {value!r}")
 
 
-def to_dict(recipe: Any) -> dict:
-    return dataclasses.asdict(recipe)
-
-
 def _describe(hint: Any) -> str:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(hint))

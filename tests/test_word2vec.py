@@ -339,3 +339,71 @@ def test_two_processes_share_the_chunks_and_agree_on_the_tables(tmp_path):
     assert ranks[0]["generator"].tolist() != ranks[1]["generator"].tolist()  # each trained its own chunks
     one_rank_words = ranks[0]["effective_words"]
     assert 0 < one_rank_words < 0.7 * (ranks[0]["effective_words"] + ranks[1]["effective_words"])
+
+
+@pytest.mark.slow
+def test_vectors_over_tokenizer_pieces_initialise_an_mlm_recipe(tmp_path):
+    w2v = subprocess.run(
+        [
+            *W2V,
+            "--out",
+            str(tmp_path / "w2v"),
+            "word2vec.tokens=tokenizer",
+            "data.tokenizer=tokenizers/default-wordpiece-8k",
+            "word2vec.vector_size=32",
+            "word2vec.epochs=1",
+            "word2vec.min_count=1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert w2v.returncode == 0, w2v.stderr[-2000:]
+    vectors = load_pretrained(tmp_path / "w2v" / "final")
+    assert "##ing" in vectors.words  # the tokenizer's pieces, not words
+    mlm = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlm_pretrain",
+            "pretrain",
+            "--recipe",
+            str(ROOT / "recipes/tiny.yaml"),
+            "--out",
+            str(tmp_path / "mlm"),
+            "--max-steps",
+            "2",
+            "model.hidden_size=32",
+            "model.intermediate_size=64",
+            "data.seq_len=32",
+            "eval_blocks=8",
+            "impl.progress=false",
+            f"model.init_embeddings={tmp_path / 'w2v' / 'final'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert mlm.returncode == 0, mlm.stderr[-2000:]
+    from mlm_pretrain.models import ModelRecipe, build_model
+    from mlm_pretrain.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(ROOT / "tokenizers/default-wordpiece-8k")
+    recipe = ModelRecipe(
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=64,
+        init_embeddings=str(tmp_path / "w2v" / "final"),
+    )
+    row = (
+        build_model(recipe, tokenizer, 32)
+        .get_input_embeddings()
+        .weight[tokenizer.convert_tokens_to_ids("##ing")]
+    )
+    vector = torch.from_numpy(vectors.vectors[vectors.words.index("##ing")])
+    assert (
+        torch.nn.functional.cosine_similarity(row.detach(), vector, dim=0) > 0.999
+    )  # same size: only rescaled

@@ -73,8 +73,6 @@ class Word2VecConfig:
             raise InputError(f"objective: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
         if self.tokens not in TOKEN_KINDS:
             raise InputError(f"tokens: {self.tokens!r} is not one of {', '.join(TOKEN_KINDS)}")
-        if self.tokens == "tokenizer" and not self.tokenizer:
-            raise InputError("tokenizer: tokens is 'tokenizer' but no tokenizer path is given")
         positive = ("vector_size", "window", "negative", "min_count", "epochs", "batch_size", "chunk_words")
         for key in positive:
             if getattr(self, key) < 1:
@@ -122,7 +120,7 @@ class Vocab:
 def build_vocab(documents: Iterable[str], config: Word2VecConfig, tokenizer=None) -> Vocab:
     """The vocabulary pass: count every token of `documents` once and prune by min_count / max_vocab."""
     if config.tokens == "tokenizer":
-        tokenizer = tokenizer or load_tokenizer(config.tokenizer)
+        tokenizer = tokenizer or _tokenizer_of(config)
         counts = np.zeros(len(tokenizer), dtype=np.int64)
         for batch in _batched(tqdm(documents, desc="word2vec vocabulary", unit="doc"), 256):
             for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]:
@@ -147,6 +145,16 @@ def build_vocab(documents: Iterable[str], config: Word2VecConfig, tokenizer=None
     return Vocab([w for w, _ in kept], counts, total, np.ones(len(kept), dtype=bool))
 
 
+def _tokenizer_of(config: Word2VecConfig):
+    """The tokenizer whose pieces are the tokens, or None for words. (Checked here, not in the config: the
+    pretrain recipe fills `tokenizer` in from data.tokenizer after the config is built.)"""
+    if config.tokens != "tokenizer":
+        return None
+    if not config.tokenizer:
+        raise InputError("word2vec.tokenizer: tokens is 'tokenizer' but no tokenizer path is given")
+    return load_tokenizer(config.tokenizer)
+
+
 def _batched(items: Iterable, size: int) -> Iterator[list]:
     batch = []
     for item in items:
@@ -163,9 +171,7 @@ class Word2Vec:
 
     def __init__(self, config: Word2VecConfig, vocab: Vocab, tokenizer=None) -> None:
         self.config, self.vocab = config, vocab
-        self.tokenizer = tokenizer or (
-            load_tokenizer(config.tokenizer) if config.tokens == "tokenizer" else None
-        )
+        self.tokenizer = tokenizer or _tokenizer_of(config)
         self._word_index = vocab.index() if config.tokens == "words" else None
         # Id -> id of the text after pruning, or -1 where the token is dropped (tokenizer mode).
         self._keep_id = torch.where(torch.from_numpy(vocab.trained), torch.arange(len(vocab.words)), -1)
@@ -189,7 +195,7 @@ class Word2Vec:
 
     @classmethod
     def from_documents(cls, documents: Iterable[str], config: Word2VecConfig) -> Word2Vec:
-        tokenizer = load_tokenizer(config.tokenizer) if config.tokens == "tokenizer" else None
+        tokenizer = _tokenizer_of(config)
         return cls(config, build_vocab(documents, config, tokenizer), tokenizer)
 
     @property

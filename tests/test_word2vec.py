@@ -178,8 +178,8 @@ def test_resumed_training_is_bit_identical(austen, tmp_path):
 def test_bad_input_is_reported_by_key():
     with pytest.raises(InputError, match="objective"):
         Word2VecConfig(objective="glove")
-    with pytest.raises(InputError, match="tokenizer"):
-        Word2VecConfig(tokens="tokenizer")
+    with pytest.raises(InputError, match="word2vec.tokenizer: tokens is 'tokenizer' but no tokenizer path"):
+        Word2Vec.from_documents(["a b c"], Word2VecConfig(tokens="tokenizer"))
     with pytest.raises(InputError, match="min_count"):
         build_vocab(["a b c"], Word2VecConfig(min_count=5))
     model = Word2Vec.from_documents(["a b c"] * 5, Word2VecConfig(min_count=1))

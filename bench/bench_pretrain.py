@@ -241,6 +241,7 @@ def prepare(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
+    from mlm_pretrain.batches import masked_micro_batch
     from mlm_pretrain.corpus import TextStream
     from mlm_pretrain.models import build_model
     from mlm_pretrain.objectives.mlm import SparseMLM, mask_batch
@@ -271,7 +272,8 @@ def prepare(args: argparse.Namespace) -> dict:
     with torch.no_grad():
         small = {k: v[:8] for k, v in batch.items()}
         inputs, mask = mask_batch(small, info, recipe.mlm, torch.Generator().manual_seed(1))
-        sparse, _ = SparseMLM(model)(inputs, small["attention_mask"], small["input_ids"], mask)
+        parts = masked_micro_batch(small["input_ids"], small["attention_mask"], inputs, mask)
+        sparse, _ = SparseMLM(model)(**parts)
         labels = torch.where(mask, small["input_ids"], -100)
         dense = model(input_ids=inputs, attention_mask=small["attention_mask"], labels=labels).loss
     c = model.config

@@ -1,10 +1,16 @@
-"""Make `accelerate launch --cpu --num_processes N` start N processes.
+"""One process group from whatever launched us, and the device each process trains on.
 
-accelerate 1.x starts CPU jobs with its simple launcher, which runs one process unless it is given an
-MPI hostfile: `--num_processes 2 --cpu` then trains in one process that believes it is alone. When we
-are that process (accelerate asked for several, so it set MASTER_ADDR, but no launcher set WORLD_SIZE),
-we start the N processes ourselves with torch's own launcher, which sets up gloo as usual.
-`accelerate launch --multi_gpu --num_processes N` (no --cpu) already fans out, on CPU too.
+Every standard launcher sets the same environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
+`MASTER_PORT`): `torchrun` (single- and multi-node, SLURM's `srun torchrun`), `accelerate launch
+--multi_gpu` and, through the relaunch below, `accelerate launch --cpu`. `start_accelerator` builds
+the `Accelerator` from it: NCCL on CUDA, gloo on CPU (accelerate forms a CPU group only when told the
+run is on the CPU, so we tell it when no accelerator is present).
+
+accelerate 1.x starts CPU jobs (`--cpu`, or a saved config with `distributed_type: MULTI_CPU`) with
+its simple launcher, which runs ONE process unless it is given an MPI hostfile: it sets MASTER_ADDR
+but no WORLD_SIZE, and the process believes it is alone. When we are that process we read the
+accelerate command that started us with accelerate's own parser (flags and config file alike) and
+start the processes it asked for with torch's launcher.
 """
 
 from __future__ import annotations
@@ -12,43 +18,95 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 
 
-def requested_cpu_processes() -> int:
-    """The --num_processes given to the `accelerate launch --cpu` that started us, or 1."""
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true") or "WORLD_SIZE" in os.environ:
-        return 1
-    if "MASTER_ADDR" not in os.environ:  # accelerate sets it only when asked for more than one process
-        return 1
+@dataclass
+class Launch:
+    """What a relaunch needs: the shape of the job and where rank 0 listens."""
+
+    nnodes: int
+    node_rank: int
+    nproc_per_node: int
+    master_addr: str
+    master_port: int | None
+
+
+def start_accelerator(run_dir: Path, *, mixed_precision: str = "no", cpu: bool | None = None, **kwargs):
+    """The `Accelerator` of this process, in the one process group every launcher's environment
+    describes. `cpu=None` trains on the accelerator if there is one; word2vec, whose tables live in
+    host memory, passes `cpu=True` so that its collectives run over gloo on GPU machines too."""
+    from accelerate import Accelerator
+
+    if cpu is None:
+        cpu = not torch.accelerator.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in (
+            "1",
+            "true",
+        )
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, project_dir=run_dir, **kwargs)
+
+
+def accelerate_cpu_launch() -> Launch | None:
+    """The job that the `accelerate launch` which started us asked for, when its simple launcher ran
+    only us in place of several processes; None when we are part of a proper process group."""
+    if "WORLD_SIZE" in os.environ or "MASTER_ADDR" not in os.environ:
+        return None  # a launcher formed the group, or accelerate asked for one process (no MASTER_ADDR)
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true"):
+        return None
     import psutil
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
     argv = psutil.Process(os.getppid()).cmdline()
-    for i, arg in enumerate(argv):
-        for flag in ("--num_processes", "--num-processes"):
-            if arg == flag and i + 1 < len(argv):
-                return int(argv[i + 1])
-            if arg.startswith(flag + "="):
-                return int(arg.split("=", 1)[1])
-    return 1
+    if "launch" not in argv:
+        return None
+    args = launch_command_parser().parse_args(argv[argv.index("launch") + 1 :])
+    args, _, _ = _validate_launch_command(args)  # fills in what the config file says
+    machines = args.num_machines or 1
+    processes = args.num_processes or 1
+    if processes % machines:
+        raise ValueError(f"accelerate: --num_processes {processes} is not a multiple of {machines} machines")
+    if processes == 1:
+        return None
+    return Launch(
+        nnodes=machines,
+        node_rank=args.machine_rank or 0,
+        nproc_per_node=processes // machines,
+        master_addr=os.environ["MASTER_ADDR"],
+        master_port=args.main_process_port,
+    )
 
 
-def relaunch(processes: int) -> int:
-    """Run this same command line in `processes` processes under torch.distributed.run; its exit code."""
+def relaunch(launch: Launch) -> int:
+    """Run this same command line as `launch` says under torch.distributed.run; its exit code."""
     import subprocess
 
-    with socket.socket() as s:  # a free port, so two jobs on one machine don't collide
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = launch.master_port
+    if port is None:  # one machine: a free port, so two jobs on one machine don't collide
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        f"--nproc_per_node={processes}",
+        f"--nnodes={launch.nnodes}",
+        f"--node_rank={launch.node_rank}",
+        f"--nproc_per_node={launch.nproc_per_node}",
+        f"--master_addr={launch.master_addr}",
         f"--master_port={port}",
         "-m",
         "mlm_pretrain",
         *sys.argv[1:],
     ]
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.nproc_per_node)))
     return subprocess.call(cmd, env=env)
+
+
+def threads_per_process() -> int:
+    """CPU threads for each process on this machine: the cores shared by the processes on this node."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", 1)))
+    return max(1, (os.cpu_count() or 1) // local)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 from contextlib import nullcontext
@@ -36,7 +35,6 @@ from mlm_pretrain.optim import OptimRecipe
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("mlm", "skipgram", "cbow")
-EVAL_SEED = 20_240_601  # evaluation masks are the same at every evaluation of every run
 
 
 @dataclass
@@ -104,43 +102,40 @@ def pretrain(recipe: PretrainRecipe) -> dict:
         from mlm_pretrain.word2vec_trainer import pretrain_word2vec
 
         return pretrain_word2vec(recipe)
-    from accelerate import Accelerator
     from huggingface_hub import get_token
     from tqdm.auto import tqdm
 
+    from mlm_pretrain.batches import MLMBatches
     from mlm_pretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from mlm_pretrain.corpus import TextStream
     from mlm_pretrain.hub import push_checkpoint
+    from mlm_pretrain.launch import start_accelerator, threads_per_process
     from mlm_pretrain.models import build_model, count_parameters
-    from mlm_pretrain.objectives.mlm import SparseMLM, mask_batch
+    from mlm_pretrain.objectives.mlm import SparseMLM
     from mlm_pretrain.optim import build_optimizer, lr_factor, set_lr
-    from mlm_pretrain.packing import BlockStream, TokenInfo, collate
+    from mlm_pretrain.packing import BlockStream, TokenInfo
+    from mlm_pretrain.run_dir import checkpoint_to_resume, hold_run_dir, write_recipe
     from mlm_pretrain.run_log import RunLog
     from mlm_pretrain.tokenizer import load_tokenizer
 
     impl, optim = recipe.impl, recipe.optim
     run_dir = Path(impl.out)
-    accelerator = Accelerator(
-        mixed_precision=impl.mixed_precision, log_with="tensorboard", project_dir=run_dir
-    )
+    accelerator = start_accelerator(run_dir, mixed_precision=impl.mixed_precision, log_with="tensorboard")
+    hold_run_dir(run_dir, accelerator)
     world, rank = accelerator.num_processes, accelerator.process_index
-    torch.set_num_threads(impl.threads or max(1, (os.cpu_count() or 1) // accelerator.num_processes))
+    torch.set_num_threads(impl.threads or threads_per_process())
     micro = optim.micro_batch_size
     if optim.batch_size % (micro * world):
         raise InputError(
             f"optim.batch_size {optim.batch_size} is not a multiple of optim.micro_batch_size "
             f"{micro} x {world} processes"
         )
-    accumulation = optim.batch_size // (micro * world)
     if impl.push_to_hub and get_token() is None:  # fail now, not at the first push hours from now
         raise InputError(
             f"impl.push_to_hub={impl.push_to_hub} needs a Hub token: set HF_TOKEN or run `hf auth login`"
         )
     checkpoint = checkpoint_to_resume(recipe, run_dir, latest_checkpoint(run_dir))
-    accelerator.wait_for_everyone()  # every process has read the old recipe before it is replaced
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(asdict(recipe), sort_keys=False))
+    write_recipe(recipe, run_dir, accelerator)
 
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
@@ -165,23 +160,35 @@ def pretrain(recipe: PretrainRecipe) -> dict:
         rank=rank,
         world_size=world,
     )
+    batches = MLMBatches(
+        stream,
+        info,
+        recipe.mlm,
+        seed=recipe.seed,
+        micro_batch_size=micro,
+        accumulation=optim.batch_size // (micro * world),
+        device=accelerator.device,
+        rank=rank,
+        world_size=world,
+    )
 
     step, elapsed, metrics = 0, 0.0, {}
     if checkpoint is not None:
         data_state, trainer_state = load_checkpoint(checkpoint, accelerator, objective, optimizer)
-        stream.load_state_dict(data_state)
+        batches.load_state_dict(data_state)
         step, elapsed = trainer_state["step"], trainer_state["elapsed"]
         log.info("resumed from %s (step %d)", checkpoint, step)
     run_log = RunLog(run_dir, accelerator, asdict(recipe), resumed_step=step)
     tokens_per_step = optim.batch_size * recipe.data.seq_len  # training blocks are never padded
     if accelerator.is_main_process:
         log.info(
-            "%s: %.2fM parameters, %d processes x %d blocks x %d accumulation steps, %d tokens/step",
+            "%s: %.2fM parameters on %s, %d processes x %d blocks x %d accumulation steps, %d tokens/step",
             recipe.model.type,
             count_parameters(model) / 1e6,
+            accelerator.device,
             world,
             micro,
-            accumulation,
+            batches.accumulation,
             tokens_per_step,
         )
 
@@ -197,9 +204,6 @@ def pretrain(recipe: PretrainRecipe) -> dict:
         model = accelerator.unwrap_model(objective).model
         return export(recipe, model, tokenizer, directory, metrics, tokens=step * tokens_per_step, steps=step)
 
-    blocks = iter(stream)
-    # the rank's k-th block of a step is block k * world + rank of the global batch
-    rows = torch.arange(micro * accumulation) * world + rank
     bar = tqdm(
         total=recipe.max_steps,
         initial=step,
@@ -213,34 +217,12 @@ def pretrain(recipe: PretrainRecipe) -> dict:
         started = time.perf_counter()
         lr = optim.lr * lr_factor(progress(), optim.schedule, optim.warmup, optim.decay)
         set_lr(optimizer, lr)
-        batch = collate([next(blocks) for _ in range(micro * accumulation)], info)
-        generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
-        inputs, predict = mask_batch(batch, info, recipe.mlm, generator, rows, micro * accumulation * world)
-        masked = accelerator.reduce(predict.sum().float(), "sum")  # over the whole global batch
-        loss_sum = torch.zeros(())
-        for i in range(accumulation):
-            part = slice(i * micro, (i + 1) * micro)
-            last = i == accumulation - 1
-            with accelerator.no_sync(objective) if not last else nullcontext(), accelerator.autocast():
-                loss, _ = objective(
-                    inputs[part],
-                    batch["attention_mask"][part],
-                    batch["input_ids"][part],
-                    predict[part],
-                    count_correct=False,
-                )
-                # DDP averages gradients over processes; scale so they sum to d(total loss / masked)
-                accelerator.backward(loss * world / masked)
-            loss_sum += loss.detach()
-        if optim.clip > 0:
-            accelerator.clip_grad_norm_(objective.parameters(), optim.clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum, masked = train_step(objective, optimizer, next(batches), accelerator, optim.clip)
         step += 1
         window_steps += 1
         elapsed += time.perf_counter() - started
         if recipe.max_minutes:  # every process must stop at the same step
-            elapsed = float(accelerator.reduce(torch.tensor(elapsed), "max"))
+            elapsed = float(accelerator.reduce(torch.tensor(elapsed, device=accelerator.device), "max"))
         bar.update(1)
 
         finished = progress() >= 1.0
@@ -262,7 +244,7 @@ def pretrain(recipe: PretrainRecipe) -> dict:
                 accelerator,
                 objective,
                 optimizer,
-                stream.state_dict(),
+                batches.state_dict(),
                 {"step": step, "elapsed": elapsed, "tokens": step * tokens_per_step},
                 impl.keep_last,
             )
@@ -288,6 +270,34 @@ def pretrain(recipe: PretrainRecipe) -> dict:
     return metrics
 
 
+def train_step(
+    objective: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, accelerator, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on this rank's share of the global batch (a `batches.Step`); returns the
+    rank's summed loss and the global batch's masked-token count, both on the batch's device.
+
+    Each micro-batch's loss is divided by the masked count of the whole global batch, so one process
+    with a batch of 8 and two with 4 each compute the same gradient; gradients are synced once, on the
+    last micro-batch."""
+    world = accelerator.num_processes
+    masked = accelerator.reduce(batch.masked, "sum")
+    loss_sum = torch.zeros((), device=batch.masked.device)
+    last = len(batch.micro_batches) - 1
+    for i, micro in enumerate(batch.micro_batches):
+        with accelerator.no_sync(objective) if i < last else nullcontext(), accelerator.autocast():
+            loss, _ = objective(
+                micro.input_ids, micro.attention_mask, micro.positions, micro.labels, count_correct=False
+            )
+            # DDP averages gradients over processes; scale so they sum to d(total loss / masked)
+            accelerator.backward(loss * world / masked)
+        loss_sum += loss.detach()
+    if clip > 0:
+        accelerator.clip_grad_norm_(objective.parameters(), clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, masked
+
+
 class StopRequest:
     """Ctrl-C or SIGTERM asks the loop to finish its step, save a checkpoint and stop; a second one
     stops at once. With several processes they agree on the step to stop at (one tiny all-reduce)."""
@@ -308,7 +318,7 @@ class StopRequest:
     def requested(self, accelerator) -> bool:
         if accelerator.num_processes == 1:
             return self._asked
-        return bool(accelerator.reduce(torch.tensor(float(self._asked)), "max"))
+        return bool(accelerator.reduce(torch.tensor(float(self._asked), device=accelerator.device), "max"))
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -318,28 +328,24 @@ class StopRequest:
 @torch.no_grad()
 def evaluate(objective: torch.nn.Module, recipe: PretrainRecipe, tokenizer, info, accelerator) -> dict:
     """MLM loss per masked token (not per batch), perplexity and masked-token accuracy on held-out text."""
+    from mlm_pretrain.batches import evaluation_batches
     from mlm_pretrain.corpus import TextStream
-    from mlm_pretrain.objectives.mlm import mask_batch
-    from mlm_pretrain.packing import BlockStream, collate
+    from mlm_pretrain.packing import BlockStream
 
     world, rank = accelerator.num_processes, accelerator.process_index
-    micro = recipe.optim.micro_batch_size
     documents = TextStream(recipe.data.validation, text_field=recipe.data.text_field, shuffle_files=False)
-    stream = iter(BlockStream(documents, tokenizer, recipe.data.seq_len, rank=rank, world_size=world))
-    totals = torch.zeros(3)  # loss, correct, masked
-    objective.eval()
-    for index in range(math.ceil(recipe.impl.eval_blocks / (micro * world))):
-        blocks = [b for _, b in zip(range(micro), stream, strict=False)]
-        if not blocks:
-            break
-        batch = collate(blocks, info)
-        generator = torch.Generator().manual_seed(EVAL_SEED + index)
-        rows = torch.arange(len(blocks)) * world + rank
-        inputs, predict = mask_batch(batch, info, recipe.mlm, generator, rows, micro * world, evaluating=True)
-        with accelerator.autocast():
-            loss, correct = objective(inputs, batch["attention_mask"], batch["input_ids"], predict)
-        totals += torch.stack([loss.float(), correct.float(), predict.sum().float()])
-    objective.train()
+    stream = BlockStream(documents, tokenizer, recipe.data.seq_len, rank=rank, world_size=world)
+    batches = evaluation_batches(
+        stream,
+        info,
+        recipe.mlm,
+        micro_batch_size=recipe.optim.micro_batch_size,
+        max_blocks=recipe.impl.eval_blocks,
+        device=accelerator.device,
+        rank=rank,
+        world_size=world,
+    )
+    totals = score_batches(objective, batches, accelerator)
     loss, correct, masked = accelerator.reduce(totals, "sum").tolist()
     if masked == 0:
         raise InputError(f"validation text {recipe.data.validation} gave no tokens to evaluate on")
@@ -349,6 +355,20 @@ def evaluate(objective: torch.nn.Module, recipe: PretrainRecipe, tokenizer, info
         "eval_accuracy": correct / masked,
         "eval_masked_tokens": int(masked),
     }
+
+
+@torch.no_grad()
+def score_batches(objective: torch.nn.Module, batches, accelerator) -> torch.Tensor:
+    """(summed loss, correct predictions, masked tokens) of this rank's micro-batches, on their device."""
+    totals = None
+    objective.eval()
+    for micro in batches:
+        with accelerator.autocast():
+            loss, correct = objective(micro.input_ids, micro.attention_mask, micro.positions, micro.labels)
+        scores = torch.stack([loss.float(), correct.float(), loss.new_tensor(float(len(micro.labels)))])
+        totals = scores if totals is None else totals + scores
+    objective.train()
+    return totals if totals is not None else torch.zeros(3, device=accelerator.device)
 
 
 def export(
@@ -401,35 +421,3 @@ blocks RoBERTa FULL-SENTENCES style. Tokenizer: `{recipe.data.tokenizer}` (saved
 ```yaml
 {recipe_yaml}```
 """
-
-
-def checkpoint_to_resume(recipe: PretrainRecipe, run_dir: Path, latest: Path | None) -> Path | None:
-    """The checkpoint to resume from, after checking it belongs to the same plan."""
-    if latest is None:
-        if recipe.impl.resume:
-            log.info("no checkpoint in %s: starting from scratch", run_dir)
-        return None
-    if not recipe.impl.resume:
-        raise InputError(
-            f"{run_dir} already holds checkpoints: continue with --resume, or choose another --out"
-        )
-    saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
-    saved.pop("impl", None)
-    changed = sorted(_differences(saved, recipe.plan()))
-    if changed:
-        raise InputError(
-            f"{run_dir}/recipe.yaml differs from this recipe in {', '.join(changed)}: a resumed run "
-            "keeps its plan (only impl.* settings may change); choose another --out"
-        )
-    return latest
-
-
-def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
-    keys = set(a) | set(b)
-    out = []
-    for key in keys:
-        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-            out += _differences(a[key], b[key], f"{prefix}{key}.")
-        elif a.get(key) != b.get(key):
-            out.append(f"{prefix}{key}")
-    return out

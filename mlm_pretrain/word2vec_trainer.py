@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -24,18 +23,19 @@ log = logging.getLogger(__name__)
 
 def pretrain_word2vec(recipe) -> dict:
     """Run (or resume) a word2vec recipe; return the evaluation scores. Every process calls this."""
-    from accelerate import Accelerator
-
     from mlm_pretrain.checkpoint import latest_checkpoint, write_atomically
     from mlm_pretrain.corpus import TextStream
+    from mlm_pretrain.launch import start_accelerator, threads_per_process
     from mlm_pretrain.objectives.word2vec import Word2Vec
+    from mlm_pretrain.run_dir import checkpoint_to_resume, hold_run_dir, write_recipe
     from mlm_pretrain.run_log import RunLog
-    from mlm_pretrain.trainer import checkpoint_to_resume
     from mlm_pretrain.word_vectors import evaluate
 
     impl = recipe.impl
     run_dir = Path(impl.out)
-    accelerator = Accelerator(project_dir=run_dir, log_with="tensorboard", cpu=not torch.cuda.is_available())
+    # the tables live in host memory and train on the CPU: its collectives need gloo, on GPU machines too
+    accelerator = start_accelerator(run_dir, cpu=True, log_with="tensorboard")
+    hold_run_dir(run_dir, accelerator)
     rank, world = accelerator.process_index, accelerator.num_processes
     config = dataclasses.replace(
         recipe.word2vec,
@@ -44,10 +44,7 @@ def pretrain_word2vec(recipe) -> dict:
         tokenizer=recipe.word2vec.tokenizer or recipe.data.tokenizer,
     )
     checkpoint = checkpoint_to_resume(recipe, run_dir, latest_checkpoint(run_dir))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False))
+    write_recipe(recipe, run_dir, accelerator)
 
     def documents() -> TextStream:
         return TextStream(recipe.data.corpus, text_field=recipe.data.text_field, seed=recipe.seed, epochs=1)
@@ -61,7 +58,7 @@ def pretrain_word2vec(recipe) -> dict:
         step = state["step"]
         log.info("resumed from %s (step %d)", checkpoint, step)
     run_log = RunLog(run_dir, accelerator, dataclasses.asdict(recipe), resumed_step=step)
-    threads = impl.threads or max(1, (os.cpu_count() or 1) // world)
+    threads = impl.threads or threads_per_process()
 
     def after_round(model: Word2Vec) -> bool:
         nonlocal step

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from mlm_pretrain.batches import masked_micro_batch
 from mlm_pretrain.corpus import TextStream
 from mlm_pretrain.models import ModelRecipe, build_model
 from mlm_pretrain.objectives.mlm import MaskingConfig, SparseMLM, mask_batch
@@ -104,7 +105,8 @@ def test_sparse_head_loss_equals_the_dense_heads(batch, info, tokenizer, model_t
     model.eval()
     small = {k: v[:8] for k, v in batch.items()}
     inputs, predict = masks(small, info)
-    loss_sum, correct = SparseMLM(model)(inputs, small["attention_mask"], small["input_ids"], predict)
+    parts = masked_micro_batch(small["input_ids"], small["attention_mask"], inputs, predict)
+    loss_sum, correct = SparseMLM(model)(**parts)
     labels = torch.where(predict, small["input_ids"], -100)
     dense = model(input_ids=inputs, attention_mask=small["attention_mask"], labels=labels)
     assert torch.allclose(loss_sum / predict.sum(), dense.loss, rtol=1e-5)

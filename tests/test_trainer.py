@@ -96,30 +96,6 @@ def test_a_killed_run_resumes_to_bit_identical_weights(tmp_path):
     assert records(tmp_path / "straight", "loss") == records(killed, "loss")
 
 
-@pytest.mark.slow
-def test_two_processes_give_the_loss_curve_of_one(tmp_path):
-    pretrain(tmp_path / "one", "--max-steps", "6", "save_every=100", "eval_every=100")
-    launcher = ("accelerate", "launch", "--num_processes", "2", "--cpu", "-m", "mlm_pretrain")
-    pretrain(
-        tmp_path / "two",
-        "--max-steps",
-        "6",
-        "save_every=100",
-        "eval_every=100",
-        "optim.micro_batch_size=4",
-        launcher=launcher,
-    )
-    one, two = records(tmp_path / "one", "loss"), records(tmp_path / "two", "loss")
-    assert len(one) == len(two) == 6
-    for (step_a, a), (step_b, b) in zip(one, two, strict=True):
-        assert step_a == step_b and a == pytest.approx(b, rel=1e-5)
-    assert records(tmp_path / "one", "eval_loss")[0][1] == pytest.approx(
-        records(tmp_path / "two", "eval_loss")[0][1], rel=1e-5
-    )
-    checkpoint = latest_checkpoint(tmp_path / "two")
-    assert (checkpoint / "data-0.json").exists() and (checkpoint / "data-1.json").exists()
-
-
 def test_a_run_directory_is_never_silently_reused(tmp_path):
     pretrain(tmp_path, "--max-steps", "2", "save_every=1", "eval_every=100", "eval_blocks=8")
     again = pretrain(tmp_path, "--max-steps", "2", check=False)

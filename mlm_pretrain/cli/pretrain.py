@@ -30,11 +30,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mlm_pretrain.launch import relaunch, requested_cpu_processes
+    from mlm_pretrain.launch import accelerate_cpu_launch, relaunch
 
-    processes = requested_cpu_processes()
-    if processes > 1:
-        return relaunch(processes)
+    launch = accelerate_cpu_launch()
+    if launch is not None:
+        return relaunch(launch)
     from mlm_pretrain.recipe import load_recipe
     from mlm_pretrain.trainer import PretrainRecipe, pretrain
 

@@ -147,16 +147,17 @@ class SparseMLM(torch.nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        targets: torch.Tensor,
-        predict: torch.Tensor,
+        positions: torch.Tensor,
+        labels: torch.Tensor,
         count_correct: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(summed cross-entropy, number of correct predictions) over the `predict` positions.
+        """(summed cross-entropy, number of correct predictions) at `positions`, flat indices into the
+        (batch x sequence) grid, whose original tokens are `labels`.
 
         Training, which has no use for the count, skips it (`count_correct=False`: it returns None): in
         eager mode an argmax over the vocabulary at every masked position costs as much as the softmax."""
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self._score(hidden[predict], targets[predict], count_correct)
+        return self._score(hidden.flatten(0, 1).index_select(0, positions), labels, count_correct)
 
 
 def head_of(model: torch.nn.Module):

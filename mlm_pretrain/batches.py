@@ -1,0 +1,150 @@
+"""Masked-LM batches ready for the model, on the device it runs on: the loop's one source of data.
+
+`MLMBatches` turns a rank's `BlockStream` into training steps. Each step is the rank's share of the
+global batch, masked and cut into micro-batches, with the positions to predict as flat indices and
+their labels. Masks are drawn on the CPU from a generator seeded by (seed, step) for the whole global
+batch, so they are the same on every device, process count and resume; only the finished tensors go
+to the device (pinned memory and asynchronous copies on CUDA). Indices rather than a boolean mask
+let the model gather the masked positions without a device-to-host sync (boolean indexing needs the
+count on the host) and run on the `meta` device, where tests check that nothing is left behind on
+the CPU. For the same reason a micro-batch without padding (every training block) carries no attention
+mask: transformers checks a mask for padding with a host sync on every forward pass.
+
+It is stateful (torchtitan's data-loader contract): `state_dict()` after a step resumes at the next
+one exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from mlm_pretrain.objectives.mlm import MaskingConfig, mask_batch
+from mlm_pretrain.packing import BlockStream, TokenInfo, collate
+
+STEP_SEED = 1_000_003  # masks of step s come from seed * STEP_SEED + s
+
+
+@dataclass
+class MicroBatch:
+    """One forward pass: corrupted ids, attention mask (None: no padding), flat indices of the masked
+    positions and the original tokens there."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    positions: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass
+class Step:
+    """A rank's share of one optimizer step; `masked` counts the rank's masked tokens (the loop sums
+    it over ranks to normalise the loss by the global batch's count)."""
+
+    micro_batches: list[MicroBatch]
+    masked: torch.Tensor
+
+
+def to_device(batch: dict[str, torch.Tensor | None], device: torch.device) -> dict[str, torch.Tensor | None]:
+    """Copy a batch to `device`: from pinned memory and without blocking on CUDA, so the copy overlaps
+    the step still running."""
+    if device.type == "cuda":
+        return {k: v if v is None else v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v if v is None else v.to(device) for k, v in batch.items()}
+
+
+def masked_micro_batch(
+    ids: torch.Tensor, attention_mask: torch.Tensor, corrupted: torch.Tensor, predict: torch.Tensor
+) -> dict[str, torch.Tensor | None]:
+    return {
+        "input_ids": corrupted,
+        "attention_mask": attention_mask if not attention_mask.all() else None,
+        "positions": predict.flatten().nonzero().squeeze(1),
+        "labels": ids[predict],
+    }
+
+
+class MLMBatches:
+    """Steps of masked micro-batches for rank `rank` of `world_size`, on `device`."""
+
+    def __init__(
+        self,
+        stream: BlockStream,
+        info: TokenInfo,
+        masking: MaskingConfig,
+        *,
+        seed: int,
+        micro_batch_size: int,
+        accumulation: int,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        self.stream, self.info, self.masking, self.seed = stream, info, masking, seed
+        self.micro, self.accumulation = micro_batch_size, accumulation
+        self.device, self.rank, self.world_size = torch.device(device), rank, world_size
+        self.step = 0  # the step the next batch belongs to
+        self._blocks = iter(stream)
+        # the rank's k-th block of a step is block k * world + rank of the global batch
+        self._rows = torch.arange(micro_batch_size * accumulation) * world_size + rank
+
+    def __iter__(self) -> Iterator[Step]:
+        return self
+
+    def __next__(self) -> Step:
+        blocks = [next(self._blocks) for _ in range(self.micro * self.accumulation)]
+        batch = collate(blocks, self.info)
+        generator = torch.Generator().manual_seed(self.seed * STEP_SEED + self.step)
+        corrupted, predict = mask_batch(
+            batch, self.info, self.masking, generator, self._rows, len(self._rows) * self.world_size
+        )
+        micro_batches = []
+        for i in range(self.accumulation):
+            part = slice(i * self.micro, (i + 1) * self.micro)
+            parts = masked_micro_batch(
+                batch["input_ids"][part], batch["attention_mask"][part], corrupted[part], predict[part]
+            )
+            micro_batches.append(MicroBatch(**to_device(parts, self.device)))
+        self.step += 1
+        masked = torch.tensor(float(predict.sum()), device=self.device)
+        return Step(micro_batches, masked)
+
+    def state_dict(self) -> dict:
+        return {"stream": self.stream.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state["stream"])
+        self.step = state["step"]
+        self._blocks = iter(self.stream)
+
+
+EVAL_SEED = 20_240_601  # evaluation masks are the same at every evaluation of every run
+
+
+def evaluation_batches(
+    stream: BlockStream,
+    info: TokenInfo,
+    masking: MaskingConfig,
+    *,
+    micro_batch_size: int,
+    max_blocks: int,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[MicroBatch]:
+    """Micro-batches of held-out blocks masked at `eval_mask_rate`, the same masks at every call."""
+    blocks = iter(stream)
+    for index in range(-(-max_blocks // (micro_batch_size * world_size))):
+        chunk = [b for _, b in zip(range(micro_batch_size), blocks, strict=False)]
+        if not chunk:
+            return
+        batch = collate(chunk, info)
+        generator = torch.Generator().manual_seed(EVAL_SEED + index)
+        rows = torch.arange(len(chunk)) * world_size + rank
+        corrupted, predict = mask_batch(
+            batch, info, masking, generator, rows, micro_batch_size * world_size, evaluating=True
+        )
+        parts = masked_micro_batch(batch["input_ids"], batch["attention_mask"], corrupted, predict)
+        yield MicroBatch(**to_device(parts, torch.device(device)))

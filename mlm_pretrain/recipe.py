@@ -1,8 +1,11 @@
 """Recipes: YAML files checked against dataclasses, with `key=value` overrides from the command line.
 
-An unknown key or a value of the wrong type is an `InputError` naming the file, the key and the
-valid keys. Overrides take dotted paths (`impl.threads=2`) or, where a leaf name is unique in the
-schema, the bare name (`max_steps=12`). Values are parsed as YAML (`lr=1e-3`, `corpus=[a.txt, b.txt]`).
+An unknown key or a value of the wrong type is an `InputError` naming the file (or, for an override,
+the command line), the key and the valid keys. Overrides take dotted paths (`impl.threads=2`) or, where a
+leaf name is unique in the schema, the bare name (`max_steps=12`). Values are parsed as YAML
+(`corpus=[a.txt, b.txt]`). A number is whatever Python's `float()` or `int()` reads, in a file and on the
+command line alike: YAML 1.1 leaves `1e-3` and `1.0e6` as strings, so a float or int field converts a
+string that parses; an int field takes an integral value in any notation (`1e6`) but never 2.5.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ T = TypeVar("T")
 def load_recipe(schema: type[T], path: str | Path | None = None, overrides: list[str] | tuple = ()) -> T:
     """Read `path` (if any), apply `overrides`, check the result against `schema`."""
     data: dict = {}
+    typed: dict[str, str] = {}  # dotted key -> the override that set it, so errors name the command line
     where = "recipe"
     if path is not None:
         where = str(path)
@@ -37,11 +41,15 @@ def load_recipe(schema: type[T], path: str | Path | None = None, overrides: list
         if not isinstance(data, dict):
             raise InputError(f"{path}: a recipe is a mapping of keys to values, got {type(data).__name__}")
     for override in overrides:
-        apply_override(schema, data, override)
-    return build(schema, data, where)
+        key = ".".join(apply_override(schema, data, override))
+        # a group set whole (`optim={lr: 1}`) replaces what earlier overrides set inside it
+        typed = {k: v for k, v in typed.items() if not k.startswith(f"{key}.")}
+        typed[key] = override
+    return build(schema, data, where, overrides=typed)
 
 
-def apply_override(schema: type, data: dict, override: str) -> None:
+def apply_override(schema: type, data: dict, override: str) -> list[str]:
+    """Set `override` (`key=value`) in `data`; returns the dotted path it set."""
     key, sep, raw = override.partition("=")
     if not sep or not key:
         raise InputError(f"override {override!r}: expected key=value")
@@ -56,6 +64,7 @@ def apply_override(schema: type, data: dict, override: str) -> None:
         if not isinstance(node, dict):
             raise InputError(f"override {override!r}: {part} is not a group")
     node[path[-1]] = value
+    return path
 
 
 def resolve_key(schema: type, key: str) -> list[str]:
@@ -71,34 +80,60 @@ def resolve_key(schema: type, key: str) -> list[str]:
     raise InputError(f"unknown recipe key {key!r}; valid keys: {', '.join('.'.join(p) for p in leaves)}")
 
 
-def build(schema: type[T], data: dict, where: str, prefix: str = "") -> T:
+def build(
+    schema: type[T], data: dict, where: str, prefix: str = "", overrides: dict[str, str] | None = None
+) -> T:
+    """`schema` from `data`; `overrides` maps the dotted keys set on the command line to their override."""
+    overrides = overrides or {}
     fields = {f.name: f for f in dataclasses.fields(schema)}
     hints = typing.get_type_hints(schema)
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(prefix + name for name in set(data) - set(fields))
     if unknown:
         raise InputError(
-            f"{where}: unknown key '{prefix}{unknown[0]}'; valid keys"
+            f"{_origin(unknown[0], where, overrides)}: unknown key '{unknown[0]}'; valid keys"
             f"{' in ' + prefix.rstrip('.') if prefix else ''}: {', '.join(fields)}"
         )
     values = {}
     for name, value in data.items():
         hint = hints[name]
+        origin = _origin(prefix + name, where, overrides)
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 raise InputError(
-                    f"{where}: {prefix}{name} is a group of keys ({', '.join(_names(hint))}), got {value!r}"
+                    f"{origin}: {prefix}{name} is a group of keys ({', '.join(_names(hint))}), got {value!r}"
                 )
-            values[name] = build(hint, value, where, f"{prefix}{name}.")
+            values[name] = build(hint, value, where, f"{prefix}{name}.", overrides)
+        elif prefix + name in overrides and typing.get_origin(hint) is not list:
+            # the override shows the key as typed; a list's items need the key for their index
+            values[name] = check_type(value, hint, origin)
         else:
-            values[name] = check_type(value, hint, f"{where}: {prefix}{name}")
+            values[name] = check_type(value, hint, f"{origin}: {prefix}{name}")
     try:
         return schema(**values)
     except (TypeError, ValueError) as err:
-        raise InputError(f"{where}: {err}") from None
+        # the schema's own checks (`mask_rate` in (0, 1)) name no source: give the overrides of this group
+        group = prefix.rstrip(".")
+        typed = [
+            override
+            for key, override in overrides.items()
+            if key.rpartition(".")[0] == group or f"{group}.".startswith(f"{key}.")
+        ]
+        raise InputError(f"{where}{' with ' + ' '.join(typed) if typed else ''}: {err}") from None
+
+
+def _origin(key: str, where: str, overrides: dict[str, str]) -> str:
+    """Where `key` was set: the override that set it or a group above it, else the recipe file."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        override = overrides.get(".".join(parts[:n]))
+        if override is not None:
+            return f"command line: {override}"
+    return where
 
 
 def check_type(value: Any, hint: Any, where: str) -> Any:
-    """`value` if it fits `hint` (ints are accepted for floats), else an InputError."""
+    """`value` if it fits `hint`, else an InputError. Ints are accepted for floats, integral floats for
+    ints, and a string that `float()`/`int()` reads for either (YAML 1.1 leaves `1e-3` a string)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
         return value
@@ -125,16 +160,28 @@ def check_type(value: Any, hint: Any, where: str) -> Any:
         if value is None:
             return None
     elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = _parse_number(value) if isinstance(value, str) else value
+        if isinstance(number, (int, float)) and not isinstance(number, bool):
+            return float(number)
     elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():  # 1e6 in YAML is a float
-            return int(value)
+        number = _parse_number(value) if isinstance(value, str) else value
+        if isinstance(number, int) and not isinstance(number, bool):
+            return number
+        if isinstance(number, float) and number.is_integer():  # `max_tokens=1e9`; YAML reads 1.0e+9 as float
+            return int(number)
     elif isinstance(value, hint):
         return value
     raise InputError(f"{where}: expected {_describe(hint)}, got {value!r}")
+
+
+def _parse_number(text: str) -> int | float | str:
+    """`text` as `int()` or else `float()` reads it, or unchanged if neither does."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _describe(hint: Any) -> str:

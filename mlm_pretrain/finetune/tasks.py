@@ -5,12 +5,18 @@ labels already mapped to class ids (or floats for regression). Three roles matte
 `train`, `validation` (early stopping and model selection) and `scored` (the splits whose metrics are
 reported: `test` for a local task that has one; the GLUE dev sets for GLUE, whose test labels are
 hidden). When a task has no separate validation split, a seeded slice of train is held out for it.
+
+A local task is checked whole before any training: a malformed line, a missing field, an empty split,
+labels that mix numbers and class names, or a validation/test label that train never has is an
+`InputError` naming the file and line.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,27 +139,50 @@ def _find_split_file(directory: Path, split: str) -> Path | None:
 
 
 def _read_rows(path: Path) -> list[tuple[int, dict]]:
-    """(line number, row) pairs of a JSONL/JSON-lines, CSV or TSV file."""
+    """(line number, row) pairs of a JSONL/JSON-lines, CSV or TSV file; at least one."""
     if not path.is_file():
         raise InputError(f"{path}: no such file")
-    if path.suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
-            return [(reader.line_num, row) for row in reader]
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{line_no}: not a JSON line ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            rows.append((line_no, row))
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark (Excel's CSV) is no part of the first key
+    except UnicodeDecodeError as err:
+        line_no = data[: err.start].count(b"\n") + 1
+        raise InputError(f"{path}:{line_no}: not UTF-8 text ({err.reason})") from None
+    rows = _read_csv(path, text) if path.suffix in (".csv", ".tsv") else _read_json_lines(path, text)
     if not rows:
         raise InputError(f"{path}: no rows")
+    return rows
+
+
+def _read_csv(path: Path, text: str) -> list[tuple[int, dict]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if path.suffix == ".tsv" else ",")
+    rows = []
+    try:
+        for row in reader:
+            if None in row:  # DictReader files the cells beyond the header's names under None
+                raise InputError(
+                    f"{path}:{reader.line_num}: {len(reader.fieldnames) + len(row[None])} cells, "
+                    f"the header names {len(reader.fieldnames)}"
+                )
+            rows.append((reader.line_num, row))
+    except csv.Error as err:
+        raise InputError(f"{path}:{reader.line_num}: not a valid {path.suffix[1:]} line ({err})") from None
+    return rows
+
+
+def _read_json_lines(path: Path, text: str) -> list[tuple[int, dict]]:
+    rows = []
+    # split on newlines only: str.splitlines would also split on U+2028, which JSON strings may hold
+    for line_no, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}:{line_no}: not a JSON line ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+        rows.append((line_no, row))
     return rows
 
 
@@ -167,34 +196,92 @@ def _guess_text_fields(path: Path, row: dict) -> tuple[str, ...]:
     )
 
 
-def _parse_label(value) -> int | float | str:
+def _parse_label(value, where: str) -> int | float | str:
     """JSON numbers keep their type; CSV strings become int or float when they parse as such."""
     if isinstance(value, bool):
         return int(value)
-    if isinstance(value, int | float):
-        return value
-    text = str(value).strip()
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+    if isinstance(value, dict | list):
+        raise InputError(f"{where}: label {json.dumps(value)} is neither a number nor a class name")
+    label = value
+    if not isinstance(value, int | float):
+        label = text = str(value).strip()
+        for kind in (int, float):
+            try:
+                label = kind(text)
+                break
+            except ValueError:
+                pass
+    if isinstance(label, float) and not math.isfinite(label):  # a NaN target poisons every loss
+        raise InputError(f"{where}: label {value!r} is not a finite number")
+    return label
 
 
-def _read_split(
-    path: Path, text_fields: tuple[str, ...], label_field: str
-) -> tuple[list[str], list[str] | None, list]:
-    texts, pairs, labels = [], [] if len(text_fields) == 2 else None, []
+@dataclass
+class _Rows:
+    """One split file's columns as read: labels not yet class ids, line numbers kept for messages."""
+
+    path: Path
+    texts: list[str]
+    pairs: list[str] | None
+    labels: list
+    lines: list[int]
+
+
+def _read_split(path: Path, text_fields: tuple[str, ...], label_field: str) -> _Rows:
+    rows = _Rows(path, [], [] if len(text_fields) == 2 else None, [], [])
     for line_no, row in _read_rows(path):
         for name in (*text_fields, label_field):
-            if row.get(name) is None or (name == label_field and row[name] == ""):
+            if row.get(name) is None or (name == label_field and str(row[name]).strip() == ""):
                 raise InputError(f"{path}:{line_no}: missing field {name!r} (keys: {sorted(row)})")
-        texts.append(str(row[text_fields[0]]))
-        if pairs is not None:
-            pairs.append(str(row[text_fields[1]]))
-        labels.append(_parse_label(row[label_field]))
-    return texts, pairs, labels
+        rows.texts.append(str(row[text_fields[0]]))
+        if rows.pairs is not None:
+            rows.pairs.append(str(row[text_fields[1]]))
+        rows.labels.append(_parse_label(row[label_field], f"{path}:{line_no}"))
+        rows.lines.append(line_no)
+    return rows
+
+
+def _check_labels(raw: dict[str, _Rows], label_field: str) -> list[str] | None:
+    """The class names, as train has them, or None for regression (any float label). Labels that mix
+    numbers and class names are refused, and so is a validation or test label that train never has: it
+    would be scored but never learnt."""
+    located = [
+        (f"{rows.path}:{line}", label)
+        for rows in raw.values()
+        for line, label in zip(rows.lines, rows.labels, strict=True)
+    ]
+    named = [isinstance(label, str) for _, label in located]
+    if any(named) and not all(named):
+        first, other = located[0], located[named.index(not named[0])]
+        raise InputError(
+            f"field {label_field!r} mixes numbers and class names: {first[0]} has {first[1]!r}, "
+            f"{other[0]} has {other[1]!r}"
+        )
+    if any(isinstance(label, float) for _, label in located):
+        return None
+    train = raw["train"]
+    label_names = sorted({str(label) for label in train.labels}, key=_natural_key)
+    if len(label_names) < 2:
+        raise InputError(
+            f"{train.path}: every row has the label {train.labels[0]!r}; a classifier needs two classes"
+        )
+    for split, rows in raw.items():
+        if split == "train":
+            continue
+        unseen = [
+            (line, label)
+            for line, label in zip(rows.lines, rows.labels, strict=True)
+            if str(label) not in label_names
+        ]
+        if unseen:
+            line, label = unseen[0]
+            lacking = sorted({str(label) for _, label in unseen}, key=_natural_key)
+            raise InputError(
+                f"{rows.path}:{line}: label {label!r} never occurs in {train.path}, whose labels are "
+                f"{', '.join(label_names)} (labels train lacks, on {len(unseen)} of the "
+                f"{len(rows.labels)} rows here: {', '.join(lacking)})"
+            )
+    return label_names
 
 
 def _load_local(
@@ -209,25 +296,27 @@ def _load_local(
     if len(text_fields) not in (1, 2):
         raise InputError(f"--text-fields: expected one or two field names, got {len(text_fields)}")
     raw = {split: _read_split(path, text_fields, label_field) for split, path in files.items() if path}
-    all_labels = [label for _, _, labels in raw.values() for label in labels]
-    regression = any(isinstance(label, float) for label in all_labels)
-    if regression and any(isinstance(label, str) for label in all_labels):
-        raise InputError(f"{files['train']}: field {label_field!r} mixes numbers and class names")
-    label_names = None if regression else sorted({str(label) for label in all_labels}, key=_natural_key)
+    scored_name = "test" if "test" in raw else "validation"
+    if scored_name not in raw:
+        raise InputError(f"task {name!r}: needs a test or a validation file to score on")
+    label_names = _check_labels(raw, label_field)
+    regression = label_names is None
     to_id = {name: i for i, name in enumerate(label_names or [])}
 
-    def split_of(texts, pairs, labels) -> Split:
-        targets = [float(v) for v in labels] if regression else [to_id[str(v)] for v in labels]
-        return Split(texts, pairs, targets)
+    def split_of(rows: _Rows) -> Split:
+        targets = [float(v) for v in rows.labels] if regression else [to_id[str(v)] for v in rows.labels]
+        return Split(rows.texts, rows.pairs, targets)
 
-    splits = {split: split_of(*columns) for split, columns in raw.items()}
+    splits = {split: split_of(rows) for split, rows in raw.items()}
     notes = []
     train_split = splits["train"]
-    scored_name = "test" if "test" in splits else "validation"
-    if scored_name not in splits:
-        raise InputError(f"task {name!r}: needs a test or a validation file to score on")
     validation_split = splits.get("validation") if scored_name == "test" else None
     if validation_split is None:
+        if len(train_split) < 2:
+            raise InputError(
+                f"{files['train']}: {len(train_split)} row: too few to hold out a validation split; "
+                "give a validation file"
+            )
         train_split, validation_split = holdout(train_split, HOLDOUT_FRACTION, HOLDOUT_SEED)
         notes.append(f"no validation split: {len(validation_split)} train rows held out for early stopping")
     metrics = _pick_metrics(regression, train_split.labels, metric)

@@ -1,0 +1,224 @@
+"""Faults and bad input: each fault injected, the message checked, nothing saved earlier lost."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlm_pretrain.errors import InputError
+from mlm_pretrain.finetune import load_task
+from mlm_pretrain.recipe import load_recipe
+from mlm_pretrain.trainer import PretrainRecipe
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_RECIPE = ROOT / "recipes" / "tiny.yaml"
+
+
+def run_cli(*argv: str) -> subprocess.CompletedProcess:
+    """`python -m mlm_pretrain ARGV` as a user runs it, offline."""
+    return subprocess.run(
+        [sys.executable, "-m", "mlm_pretrain", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    )
+
+
+# --- numbers on the command line and in recipe files ---
+
+
+@pytest.mark.parametrize(
+    ("typed", "value"),
+    [("1e-3", 1e-3), ("1e6", 1e6), ("1.0e6", 1e6), ("1E-4", 1e-4), (".5", 0.5), ("2", 2.0)],
+)
+def test_a_float_is_read_in_every_notation_from_overrides_and_files(tmp_path, typed, value):
+    assert load_recipe(PretrainRecipe, TINY_RECIPE, [f"optim.lr={typed}"]).optim.lr == value
+    assert load_recipe(PretrainRecipe, TINY_RECIPE, [f"lr={typed}"]).optim.lr == value
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(f"max_steps: 10\noptim:\n  lr: {typed}\n  betas: [0.9, {typed}]\n")
+    recipe = load_recipe(PretrainRecipe, recipe_file)
+    assert recipe.optim.lr == value and recipe.optim.betas == [0.9, value]
+    assert isinstance(recipe.optim.lr, float)
+
+
+def test_an_int_is_read_when_integral_and_refused_otherwise(tmp_path):
+    recipe = load_recipe(PretrainRecipe, TINY_RECIPE, ["max_steps=1e3", "max_tokens=1_000_000"])
+    assert (recipe.max_steps, recipe.max_tokens) == (1000, 1_000_000)
+    assert isinstance(recipe.max_steps, int)
+    for typed in ("2.5", "2.5e0", "many"):
+        with pytest.raises(InputError, match=rf"command line: max_steps={typed}: expected int or null"):
+            load_recipe(PretrainRecipe, TINY_RECIPE, [f"max_steps={typed}"])
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text("max_tokens: 1e6\nimpl:\n  keep_last: 2.5\n")
+    with pytest.raises(InputError, match=rf"{recipe_file}: impl.keep_last: expected int, got 2.5"):
+        load_recipe(PretrainRecipe, recipe_file)
+
+
+def test_booleans_stay_booleans():
+    recipe = load_recipe(PretrainRecipe, TINY_RECIPE, ["impl.compile=true", "impl.progress=false"])
+    assert recipe.impl.compile is True and recipe.impl.progress is False
+    with pytest.raises(InputError, match=r"command line: optim.lr=true: expected float, got True"):
+        load_recipe(PretrainRecipe, TINY_RECIPE, ["optim.lr=true"])
+    with pytest.raises(InputError, match=r"command line: impl.compile=1: expected bool, got 1"):
+        load_recipe(PretrainRecipe, TINY_RECIPE, ["impl.compile=1"])
+
+
+def test_a_wrong_override_names_the_command_line_not_the_recipe_file(tmp_path):
+    cases = {
+        "optim.lr=fast": r"^command line: optim.lr=fast: expected float, got 'fast'$",
+        "lr=fast": r"^command line: lr=fast: expected float, got 'fast'$",
+        "optim.betas=[0.9, x]": r"^command line: optim.betas=\[0.9, x\]: optim.betas\[1\]: expected float",
+        "optim={lr: fast}": r"^command line: optim=\{lr: fast\}: optim.lr: expected float, got 'fast'$",
+        "optim=3": r"^command line: optim=3: optim is a group of keys",
+        "mask_rate=2": rf"^{TINY_RECIPE} with mask_rate=2: mlm.mask_rate must be in \(0, 1\)",
+    }
+    for override, message in cases.items():
+        with pytest.raises(InputError, match=message):
+            load_recipe(PretrainRecipe, TINY_RECIPE, ["optim.lr=1e-3", override])
+    # the last override of a key is the one checked, and the one named
+    with pytest.raises(InputError, match=r"^command line: optim.lr=x: expected float"):
+        load_recipe(PretrainRecipe, TINY_RECIPE, ["optim.lr=0.1", "optim.lr=x"])
+    # a bad value in the file still names the file, whatever else the command line sets
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text("optim:\n  lr: fast\n")
+    with pytest.raises(InputError, match=rf"^{recipe_file}: optim.lr: expected float, got 'fast'$"):
+        load_recipe(PretrainRecipe, recipe_file, ["optim.warmup=0.1"])
+
+
+def test_the_cli_refuses_a_bad_override_without_a_traceback():
+    result = run_cli("pretrain", "--recipe", str(TINY_RECIPE), "optim.lr=abc")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "command line: optim.lr=abc: expected float, got 'abc'" in result.stderr
+
+
+# --- fine-tuning inputs ---
+
+
+def write_task(directory: Path, **splits: str) -> Path:
+    """A task directory holding `splits` (file name -> contents), e.g. train_jsonl='...'."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in splits.items():
+        (directory / name.replace("_", ".")).write_text(text, encoding="utf-8")
+    return directory
+
+
+def jsonl(*rows: dict) -> str:
+    return "".join(json.dumps(row) + "\n" for row in rows)
+
+
+GOOD_TRAIN = jsonl(*({"text": f"row {i}", "label": ["neg", "pos"][i % 2]} for i in range(6)))
+
+
+def test_a_malformed_line_is_named_by_file_and_line(tmp_path):
+    task = write_task(tmp_path / "t", train_jsonl=GOOD_TRAIN + '{"text": "cut off", "lab\n')
+    with pytest.raises(InputError, match=rf"{task / 'train.jsonl'}:7: not a JSON line"):
+        load_task(str(task))
+    task = write_task(tmp_path / "t", train_jsonl=GOOD_TRAIN + '["a", "list"]\n')
+    with pytest.raises(InputError, match=rf"{task / 'train.jsonl'}:7: expected a JSON object, got list"):
+        load_task(str(task))
+    task = write_task(
+        tmp_path / "c", train_csv="text,label\nfine,pos\ntoo,many,cells\n", test_csv="text,label\n"
+    )
+    with pytest.raises(InputError, match=rf"{task / 'train.csv'}:3: 3 cells, the header names 2"):
+        load_task(str(task))
+    latin = tmp_path / "latin"
+    latin.mkdir()
+    (latin / "train.csv").write_bytes("text,label\nfine,pos\ncaf\xe9,neg\n".encode("latin-1"))
+    with pytest.raises(InputError, match=rf"{latin / 'train.csv'}:3: not UTF-8 text"):
+        load_task(str(latin))
+
+
+def test_an_empty_split_is_refused(tmp_path):
+    task = write_task(tmp_path / "t", train_jsonl=GOOD_TRAIN, test_jsonl="\n\n")
+    with pytest.raises(InputError, match=rf"{task / 'test.jsonl'}: no rows"):
+        load_task(str(task))
+    task = write_task(tmp_path / "c", train_csv="text,label\n", test_csv="text,label\nfine,pos\n")
+    with pytest.raises(InputError, match=rf"{task / 'train.csv'}: no rows"):
+        load_task(str(task))
+    one_row = write_task(
+        tmp_path / "one",
+        train_jsonl=jsonl({"text": "a", "label": 0.5}),
+        test_jsonl=jsonl({"text": "b", "label": 1}),
+    )
+    with pytest.raises(InputError, match=r"train.jsonl: 1 row: too few to hold out a validation split"):
+        load_task(str(one_row))
+
+
+def test_a_missing_text_or_label_field_is_named(tmp_path):
+    test = jsonl({"text": "fine", "label": "pos"}, {"label": "neg"})
+    task = write_task(tmp_path / "t", train_jsonl=GOOD_TRAIN, test_jsonl=test)
+    with pytest.raises(
+        InputError, match=rf"{task / 'test.jsonl'}:2: missing field 'text' \(keys: \['label'\]\)"
+    ):
+        load_task(str(task))
+    task = write_task(
+        tmp_path / "c", train_csv="text,label\nfine,pos\nshort\nok,neg\n", test_csv="text,label\na,pos\n"
+    )
+    with pytest.raises(InputError, match=rf"{task / 'train.csv'}:3: missing field 'label'"):
+        load_task(str(task))
+    blank = write_task(
+        tmp_path / "b", train_csv="text,label\nfine,pos\nblank, \n", test_csv="text,label\na,pos\n"
+    )
+    with pytest.raises(InputError, match=rf"{blank / 'train.csv'}:3: missing field 'label'"):
+        load_task(str(blank))
+
+
+def test_labels_of_mixed_kinds_are_refused(tmp_path):
+    test = jsonl({"text": "a", "label": "pos"}, {"text": "b", "label": 1})
+    task = write_task(tmp_path / "t", train_jsonl=GOOD_TRAIN, test_jsonl=test)
+    with pytest.raises(
+        InputError,
+        match=rf"field 'label' mixes numbers and class names: {task / 'train.jsonl'}:1 has 'neg', "
+        rf"{task / 'test.jsonl'}:2 has 1",
+    ):
+        load_task(str(task))
+    train = jsonl({"text": "a", "label": 0.5}, {"text": "b", "label": [1]})
+    task = write_task(tmp_path / "l", train_jsonl=train, test_jsonl=train)
+    with pytest.raises(InputError, match=r"train.jsonl:2: label \[1\] is neither a number nor a class name"):
+        load_task(str(task))
+    task = write_task(tmp_path / "n", train_csv="text,label\na,0.5\nb,nan\n", test_csv="text,label\na,1.5\n")
+    with pytest.raises(InputError, match=r"train.csv:3: label 'nan' is not a finite number"):
+        load_task(str(task))
+
+
+def test_a_label_train_never_has_is_refused(tmp_path):
+    test = jsonl({"text": "a", "label": "pos"}, {"text": "b", "label": "meh"}, {"text": "c", "label": "POS"})
+    task = write_task(tmp_path / "t", train_jsonl=GOOD_TRAIN, test_jsonl=test)
+    with pytest.raises(
+        InputError,
+        match=rf"^{task / 'test.jsonl'}:2: label 'meh' never occurs in {task / 'train.jsonl'}, whose labels "
+        r"are neg, pos \(labels train lacks, on 2 of the 3 rows here: POS, meh\)$",
+    ):
+        load_task(str(task))
+    # numeric class ids too, and in a validation file given by name
+    train = jsonl(*({"text": f"row {i}", "label": i % 2} for i in range(4)))
+    write_task(tmp_path / "f", train_jsonl=train, validation_jsonl=jsonl({"text": "x", "label": 2}))
+    with pytest.raises(
+        InputError, match=r"validation.jsonl:1: label 2 never occurs in .*, whose labels are 0, 1"
+    ):
+        load_task(
+            "files", train=str(tmp_path / "f/train.jsonl"), validation=str(tmp_path / "f/validation.jsonl")
+        )
+    one_class = jsonl(*({"text": f"row {i}", "label": "pos"} for i in range(4)))
+    task = write_task(tmp_path / "one", train_jsonl=one_class, test_jsonl=one_class)
+    with pytest.raises(
+        InputError, match=r"train.jsonl: every row has the label 'pos'; a classifier needs two"
+    ):
+        load_task(str(task))
+
+
+def test_the_cli_refuses_an_unseen_test_label_before_any_training(tiny_checkpoint, tmp_path):
+    task = write_task(
+        tmp_path / "task", train_jsonl=GOOD_TRAIN, test_jsonl=jsonl({"text": "a", "label": "maybe"})
+    )
+    out = tmp_path / "out"
+    result = run_cli("finetune", "--model", str(tiny_checkpoint), "--task", str(task), "--out", str(out))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert f"{task / 'test.jsonl'}:1: label 'maybe' never occurs in {task / 'train.jsonl'}" in result.stderr
+    assert not out.exists()  # nothing trained, nothing written

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 SCHEDULES = ("linear", "cosine", "wsd", "constant")
+ON_NONFINITE = ("stop", "skip")
 
 
 @dataclass
@@ -29,10 +30,18 @@ class OptimRecipe:
     clip: float = 1.0  # max gradient norm; 0 turns clipping off
     batch_size: int = 64  # global batch in blocks, summed over processes and accumulation steps
     micro_batch_size: int = 32  # blocks per process per forward pass
+    # a step whose loss or gradient norm is not finite is never applied; then `stop` ends the run with an
+    # error, `skip` goes on and stops after more than `max_skips_in_a_row` such steps in a row
+    on_nonfinite: str = "stop"
+    max_skips_in_a_row: int = 10
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule {self.schedule!r} unknown; valid: {', '.join(SCHEDULES)}")
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(
+                f"optim.on_nonfinite {self.on_nonfinite!r} unknown; valid: {', '.join(ON_NONFINITE)}"
+            )
         if len(self.betas) != 2:
             raise ValueError(f"optim.betas needs two values, got {self.betas}")
 

@@ -74,16 +74,21 @@ def _lock(run_dir: Path) -> str | None:
     return None
 
 
-def checkpoint_to_resume(recipe, run_dir: Path, latest: Path | None) -> Path | None:
-    """The checkpoint to resume from, after checking it belongs to the same plan."""
-    if latest is None:
-        if recipe.impl.resume:
-            log.info("no checkpoint in %s: starting from scratch", run_dir)
-        return None
-    if not recipe.impl.resume:
+def checkpoint_to_resume(recipe, run_dir: Path) -> Path | None:
+    """The newest verified checkpoint to resume from, after checking it belongs to the same plan.
+
+    `--resume` is safe to repeat (what a requeued job does): with no checkpoint yet it starts fresh."""
+    from mlm_pretrain.checkpoint import complete_checkpoints, latest_checkpoint
+
+    if complete_checkpoints(run_dir) and not recipe.impl.resume:
         raise InputError(
             f"{run_dir} already holds checkpoints: continue with --resume, or choose another --out"
         )
+    latest = latest_checkpoint(run_dir) if recipe.impl.resume else None
+    if latest is None:
+        if recipe.impl.resume:
+            log.info("no usable checkpoint in %s: starting from scratch", run_dir)
+        return None
     saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     saved.pop("impl", None)
     changed = sorted(_differences(saved, recipe.plan()))

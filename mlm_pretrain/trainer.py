@@ -31,8 +31,14 @@ from mlm_pretrain.models import ModelRecipe
 from mlm_pretrain.objectives.mlm import MaskingConfig
 from mlm_pretrain.objectives.word2vec import Word2VecConfig
 from mlm_pretrain.optim import OptimRecipe
+from mlm_pretrain.stop import StopRequest
 
 log = logging.getLogger(__name__)
+
+
+class Diverged(InputError):
+    """The loss or the weights stopped being finite: the recipe's learning rate or warmup is at fault."""
+
 
 OBJECTIVES = ("mlm", "skipgram", "cbow")
 
@@ -106,7 +112,12 @@ def pretrain(recipe: PretrainRecipe) -> dict:
     from tqdm.auto import tqdm
 
     from mlm_pretrain.batches import MLMBatches
-    from mlm_pretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from mlm_pretrain.checkpoint import (
+        checkpoint_size_estimate,
+        load_checkpoint,
+        save_checkpoint,
+        warn_if_disk_low,
+    )
     from mlm_pretrain.corpus import TextStream
     from mlm_pretrain.hub import push_checkpoint
     from mlm_pretrain.launch import start_accelerator, threads_per_process
@@ -134,7 +145,7 @@ def pretrain(recipe: PretrainRecipe) -> dict:
         raise InputError(
             f"impl.push_to_hub={impl.push_to_hub} needs a Hub token: set HF_TOKEN or run `hf auth login`"
         )
-    checkpoint = checkpoint_to_resume(recipe, run_dir, latest_checkpoint(run_dir))
+    checkpoint = checkpoint_to_resume(recipe, run_dir)
     write_recipe(recipe, run_dir, accelerator)
 
     torch.manual_seed(recipe.seed)
@@ -147,6 +158,8 @@ def pretrain(recipe: PretrainRecipe) -> dict:
     # the head sees a different number of masked positions every step: compiled apart, with dynamic shapes
     objective = SparseMLM(model, compile_head=impl.compile)
     optimizer = build_optimizer(model, optim.lr, optim.weight_decay, tuple(optim.betas), optim.eps)
+    if accelerator.is_main_process:
+        warn_if_disk_low(run_dir, checkpoint_size_estimate(model))
     objective, optimizer = accelerator.prepare(objective, optimizer)
     documents = TextStream(
         recipe.data.corpus, text_field=recipe.data.text_field, seed=recipe.seed, epochs=None
@@ -211,53 +224,54 @@ def pretrain(recipe: PretrainRecipe) -> dict:
         unit="step",
         disable=not (impl.progress and accelerator.is_main_process),
     )
-    window_start, window_steps = time.perf_counter(), 0
-    stop = StopRequest()
-    while progress() < 1.0:
-        started = time.perf_counter()
-        lr = optim.lr * lr_factor(progress(), optim.schedule, optim.warmup, optim.decay)
-        set_lr(optimizer, lr)
-        loss_sum, masked = train_step(objective, optimizer, next(batches), accelerator, optim.clip)
-        step += 1
-        window_steps += 1
-        elapsed += time.perf_counter() - started
-        if recipe.max_minutes:  # every process must stop at the same step
-            elapsed = float(accelerator.reduce(torch.tensor(elapsed, device=accelerator.device), "max"))
-        bar.update(1)
+    window_start, window_steps, skipped_in_a_row = time.perf_counter(), 0, 0
+    with StopRequest() as stop:
+        while progress() < 1.0:
+            started = time.perf_counter()
+            lr = optim.lr * lr_factor(progress(), optim.schedule, optim.warmup, optim.decay)
+            set_lr(optimizer, lr)
+            stats = train_step(objective, optimizer, next(batches), accelerator, optim.clip)
+            step += 1
+            window_steps += 1
+            elapsed += time.perf_counter() - started
+            if recipe.max_minutes:  # every process must stop at the same step
+                elapsed = float(accelerator.reduce(torch.tensor(elapsed, device=accelerator.device), "max"))
+            bar.update(1)
+            skipped_in_a_row = 0 if stats.finite else skipped_in_a_row + 1
+            if skipped_in_a_row:
+                handle_nonfinite(optim, step, skipped_in_a_row, run_dir, run_log)
 
-        finished = progress() >= 1.0
-        if step % impl.log_every == 0 or finished:
-            loss_value = float(accelerator.reduce(loss_sum, "sum") / masked)
-            now = time.perf_counter()
-            speed = window_steps * tokens_per_step / (now - window_start)
-            window_start, window_steps = now, 0
-            run_log.log(step, loss=loss_value, lr=lr, tokens=step * tokens_per_step, tokens_per_s=speed)
-            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
-        if step % impl.eval_every == 0 and not finished:
-            metrics = evaluate(accelerator.unwrap_model(objective), recipe, tokenizer, info, accelerator)
-            run_log.log(step, **metrics)
-        interrupted = stop.requested(accelerator)
-        if step % impl.save_every == 0 or finished or interrupted:
-            save_checkpoint(
-                run_dir,
-                step,
-                accelerator,
-                objective,
-                optimizer,
-                batches.state_dict(),
-                {"step": step, "elapsed": elapsed, "tokens": step * tokens_per_step},
-                impl.keep_last,
-            )
-            pushes_due = impl.push_every and (step // impl.save_every) % impl.push_every == 0
-            if impl.push_to_hub and pushes_due and not finished and accelerator.is_main_process:
-                push_checkpoint(export_to(run_dir / "hub_export"), impl.push_to_hub, step=step)
-        if interrupted:
-            bar.close()
-            stop.restore()
-            log.warning("stopped at step %d, saved in %s; continue with --resume", step, run_dir)
-            raise KeyboardInterrupt
+            finished = progress() >= 1.0
+            if step % impl.log_every == 0 or finished:
+                loss_value = float(accelerator.reduce(stats.loss_sum, "sum") / stats.masked)
+                now = time.perf_counter()
+                speed = window_steps * tokens_per_step / (now - window_start)
+                window_start, window_steps = now, 0
+                run_log.log(step, loss=loss_value, lr=lr, tokens=step * tokens_per_step, tokens_per_s=speed)
+                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:,.0f}")
+            if step % impl.eval_every == 0 and not finished:
+                metrics = evaluate(accelerator.unwrap_model(objective), recipe, tokenizer, info, accelerator)
+                run_log.log(step, **metrics)
+            stopping = stop.requested(accelerator)
+            if step % impl.save_every == 0 or finished or stopping:
+                check_finite(objective, step, run_dir)
+                save_checkpoint(
+                    run_dir,
+                    step,
+                    accelerator,
+                    objective,
+                    optimizer,
+                    batches.state_dict(),
+                    {"step": step, "elapsed": elapsed, "tokens": step * tokens_per_step},
+                    impl.keep_last,
+                )
+                pushes_due = impl.push_every and (step // impl.save_every) % impl.push_every == 0
+                if impl.push_to_hub and pushes_due and not finished and accelerator.is_main_process:
+                    push_checkpoint(export_to(run_dir / "hub_export"), impl.push_to_hub, step=step)
+            if stopping:
+                bar.close()
+                stop.stop(stopping, step, run_dir)
     bar.close()
-    stop.restore()
 
     metrics = evaluate(accelerator.unwrap_model(objective), recipe, tokenizer, info, accelerator)
     run_log.log(step, **metrics)
@@ -270,15 +284,22 @@ def pretrain(recipe: PretrainRecipe) -> dict:
     return metrics
 
 
+@dataclass
+class StepStats:
+    loss_sum: torch.Tensor  # this rank's summed loss
+    masked: torch.Tensor  # the global batch's masked-token count
+    finite: bool  # loss and gradient norm finite on every rank: the update was applied
+
+
 def train_step(
     objective: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, accelerator, clip: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on this rank's share of the global batch (a `batches.Step`); returns the
-    rank's summed loss and the global batch's masked-token count, both on the batch's device.
+) -> StepStats:
+    """One optimizer step on this rank's share of the global batch (a `batches.Step`).
 
     Each micro-batch's loss is divided by the masked count of the whole global batch, so one process
     with a batch of 8 and two with 4 each compute the same gradient; gradients are synced once, on the
-    last micro-batch."""
+    last micro-batch. A non-finite loss or gradient norm on any rank skips the update on every rank
+    (the check costs one host sync a step)."""
     world = accelerator.num_processes
     masked = accelerator.reduce(batch.masked, "sum")
     loss_sum = torch.zeros((), device=batch.masked.device)
@@ -291,38 +312,43 @@ def train_step(
             # DDP averages gradients over processes; scale so they sum to d(total loss / masked)
             accelerator.backward(loss * world / masked)
         loss_sum += loss.detach()
+    finite = torch.isfinite(loss_sum)
     if clip > 0:
-        accelerator.clip_grad_norm_(objective.parameters(), clip)
-    optimizer.step()
+        finite &= torch.isfinite(accelerator.clip_grad_norm_(objective.parameters(), clip))
+    if world > 1:
+        finite = accelerator.reduce(finite.float(), "min") > 0
+    applied = bool(finite)
+    if applied:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, masked
+    return StepStats(loss_sum, masked, applied)
 
 
-class StopRequest:
-    """Ctrl-C or SIGTERM asks the loop to finish its step, save a checkpoint and stop; a second one
-    stops at once. With several processes they agree on the step to stop at (one tiny all-reduce)."""
+def handle_nonfinite(optim: OptimRecipe, step: int, in_a_row: int, run_dir: Path, run_log) -> None:
+    """After a step whose update was skipped for a non-finite loss or gradient: go on, counting it, or
+    stop with an error naming the step and the last checkpoint, as `optim.on_nonfinite` says."""
+    from mlm_pretrain.checkpoint import latest_checkpoint
 
-    def __init__(self):
-        import signal
+    run_log.log(step, skipped_nonfinite=in_a_row)
+    if optim.on_nonfinite == "skip" and in_a_row <= optim.max_skips_in_a_row:
+        log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", step, in_a_row)
+        return
+    last = latest_checkpoint(run_dir)
+    raise Diverged(
+        f"step {step}: the loss or gradient norm is not finite"
+        + (f" ({in_a_row} steps in a row)" if optim.on_nonfinite == "skip" else "")
+        + f"; stopped without saving. Last good checkpoint: {last or 'none'}. Lower optim.lr or "
+        "raise optim.warmup (a new --out, since the plan changes), or set optim.on_nonfinite=skip."
+    )
 
-        self._signal = signal
-        self._asked = False
-        self._previous = {sig: signal.signal(sig, self._ask) for sig in (signal.SIGINT, signal.SIGTERM)}
 
-    def _ask(self, signum, frame) -> None:
-        if self._asked:
-            raise KeyboardInterrupt
-        self._asked = True
-        log.warning("stopping after this step (again to stop at once)")
-
-    def requested(self, accelerator) -> bool:
-        if accelerator.num_processes == 1:
-            return self._asked
-        return bool(accelerator.reduce(torch.tensor(float(self._asked), device=accelerator.device), "max"))
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            self._signal.signal(sig, handler)
+def check_finite(objective: torch.nn.Module, step: int, run_dir: Path) -> None:
+    """Never save non-finite weights: a finite gradient can still overflow a weight."""
+    bad = [name for name, p in objective.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise Diverged(
+            f"step {step}: non-finite weights in {bad[0]} ({len(bad)} tensors); not saved in {run_dir}"
+        )
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 def pretrain_word2vec(recipe) -> dict:
     """Run (or resume) a word2vec recipe; return the evaluation scores. Every process calls this."""
-    from mlm_pretrain.checkpoint import latest_checkpoint, write_atomically
+    from mlm_pretrain.checkpoint import torch_save, write_atomically
     from mlm_pretrain.corpus import TextStream
     from mlm_pretrain.launch import start_accelerator, threads_per_process
     from mlm_pretrain.objectives.word2vec import Word2Vec
@@ -43,7 +43,7 @@ def pretrain_word2vec(recipe) -> dict:
         seed=recipe.seed,
         tokenizer=recipe.word2vec.tokenizer or recipe.data.tokenizer,
     )
-    checkpoint = checkpoint_to_resume(recipe, run_dir, latest_checkpoint(run_dir))
+    checkpoint = checkpoint_to_resume(recipe, run_dir)
     write_recipe(recipe, run_dir, accelerator)
 
     def documents() -> TextStream:
@@ -76,7 +76,7 @@ def pretrain_word2vec(recipe) -> dict:
 
     def save(at_step: int) -> None:
         def write_rank_files(partial: Path, rank: int) -> None:
-            torch.save({"model": model.state_dict(), "step": at_step}, partial / f"word2vec-{rank}.pt")
+            torch_save({"model": model.state_dict(), "step": at_step}, partial / f"word2vec-{rank}.pt")
 
         write_atomically(
             run_dir, at_step, accelerator, write_rank_files, lambda partial: None, impl.keep_last
@@ -99,16 +99,22 @@ def pretrain_word2vec(recipe) -> dict:
 
 def export(recipe, config, vectors, out_dir: Path, metrics: dict) -> Path:
     """`final/`: both word2vec formats, the safetensors directory, the recipe and a card."""
+    from mlm_pretrain.checkpoint import atomic_directory
     from mlm_pretrain.word_vectors import save_pretrained, save_word2vec_format
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_word2vec_format(vectors, out_dir / "vectors.txt")
-    save_word2vec_format(vectors, out_dir / "vectors.bin", binary=True)
-    save_pretrained(vectors, out_dir, config=dataclasses.asdict(config))
     rows = "\n".join(f"| {k.replace('_', ' ')} | {v:.4f} |" for k, v in metrics.items())
     recipe_yaml = yaml.safe_dump(dataclasses.asdict(recipe), sort_keys=False)
-    (out_dir / "recipe.yaml").write_text(recipe_yaml)
-    (out_dir / "README.md").write_text(f"""---
+    with atomic_directory(out_dir) as partial:
+        save_word2vec_format(vectors, partial / "vectors.txt")
+        save_word2vec_format(vectors, partial / "vectors.bin", binary=True)
+        save_pretrained(vectors, partial, config=dataclasses.asdict(config))
+        (partial / "recipe.yaml").write_text(recipe_yaml)
+        (partial / "README.md").write_text(card(recipe, config, vectors, rows, recipe_yaml))
+    return out_dir
+
+
+def card(recipe, config, vectors, rows: str, recipe_yaml: str) -> str:
+    return f"""---
 tags: [mlm-pretrain, word2vec, {recipe.objective}]
 ---
 # {recipe.objective} word vectors trained with mlm-pretrain
@@ -128,5 +134,4 @@ tags: [mlm-pretrain, word2vec, {recipe.objective}]
 ## Recipe
 ```yaml
 {recipe_yaml}```
-""")
-    return out_dir
+"""

@@ -222,3 +222,138 @@ def test_the_cli_refuses_an_unseen_test_label_before_any_training(tiny_checkpoin
     assert "Traceback" not in result.stderr
     assert f"{task / 'test.jsonl'}:1: label 'maybe' never occurs in {task / 'train.jsonl'}" in result.stderr
     assert not out.exists()  # nothing trained, nothing written
+
+
+# --- preemption: a signal mid-run, then the same command again ---
+
+TINY_RUN = [
+    *(
+        "pretrain",
+        "--recipe",
+        str(TINY_RECIPE),
+        "data.seq_len=32",
+        "optim.batch_size=8",
+        "micro_batch_size=8",
+    ),
+    *("model.hidden_size=32", "model.intermediate_size=64", "eval_blocks=16", "impl.progress=false"),
+    *("log_every=1", "--max-steps", "400", "save_every=50", "eval_every=1000", "keep_last=2"),
+]
+
+
+def final_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "final" / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def preempt(launcher: list[str], out: Path, signum: int, *extra: str) -> int:
+    """Start a run, send `signum` to the launcher once it has trained a few steps, return its exit code."""
+    import time
+
+    process = subprocess.Popen([*launcher, *TINY_RUN, *extra, "--out", str(out)], cwd=ROOT)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while (not metrics.exists() or len(metrics.read_text().splitlines()) < 20) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signum)
+    return process.wait(timeout=300)
+
+
+@pytest.mark.slow
+def test_sigusr1_saves_exits_for_requeue_and_the_same_command_resumes_to_the_straight_weights(tmp_path):
+    import signal
+
+    from mlm_pretrain.checkpoint import latest_checkpoint
+    from mlm_pretrain.stop import PREEMPTED_EXIT
+
+    one = [sys.executable, "-m", "mlm_pretrain"]
+    straight = subprocess.run([*one, *TINY_RUN, "--out", str(tmp_path / "straight")], cwd=ROOT)
+    assert straight.returncode == 0
+
+    out = tmp_path / "preempted"
+    assert preempt(one, out, signal.SIGUSR1) == PREEMPTED_EXIT
+    stopped_at = int(latest_checkpoint(out).name[5:])
+    assert 20 <= stopped_at < 400 and stopped_at % 50  # saved at the signal, not on the cadence
+    assert not (out / "final").exists()
+    again = subprocess.run([*one, *TINY_RUN, "--out", str(out), "--resume"], cwd=ROOT)
+    assert again.returncode == 0
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(out))
+
+
+@pytest.mark.slow
+def test_torchrun_forwards_sigterm_and_both_ranks_stop_at_one_step_then_resume_exactly(tmp_path):
+    import signal
+    import socket
+
+    from mlm_pretrain.checkpoint import latest_checkpoint
+
+    def torchrun() -> list[str]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"] + [
+            *("--master_port", str(port), "-m", "mlm_pretrain")
+        ]
+
+    two = ["micro_batch_size=4"]
+    straight = subprocess.run([*torchrun(), *TINY_RUN, *two, "--out", str(tmp_path / "straight")], cwd=ROOT)
+    assert straight.returncode == 0
+
+    out = tmp_path / "preempted"
+    assert preempt(torchrun(), out, signal.SIGTERM, *two) != 0  # torchrun reports its workers' stop
+    checkpoint = latest_checkpoint(out)
+    assert checkpoint is not None and int(checkpoint.name[5:]) % 50  # both ranks agreed on one step
+    assert sorted(p.name for p in checkpoint.glob("data-*.json")) == ["data-0.json", "data-1.json"]
+    again = subprocess.run([*torchrun(), *TINY_RUN, *two, "--out", str(out), "--resume"], cwd=ROOT)
+    assert again.returncode == 0
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(out))
+
+
+# --- a diverging loss ---
+
+
+def strict_records(run_dir: Path) -> list[dict]:
+    def refuse(constant):
+        raise ValueError(f"{constant} in metrics.jsonl")
+
+    return [
+        json.loads(line, parse_constant=refuse)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from mlm_pretrain.checkpoint import complete_checkpoints
+
+    result = run_cli(*TINY_RUN, "--out", str(tmp_path), "save_every=2", "optim.lr=1e6")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    checkpoints = complete_checkpoints(tmp_path)
+    assert checkpoints, result.stderr
+    last_step, last = checkpoints[-1]
+    assert f"step {last_step + 1}: the loss or gradient norm is not finite" in result.stderr
+    assert f"Last good checkpoint: {last}" in result.stderr
+    assert not (tmp_path / "final").exists()
+    for _, checkpoint in checkpoints:
+        weights = load_file(checkpoint / "model.safetensors")
+        assert all(torch.isfinite(w).all() for w in weights.values())
+    assert any(r.get("skipped_nonfinite") == 1 for r in strict_records(tmp_path))
+
+
+@pytest.mark.slow
+def test_skip_drops_non_finite_updates_and_stops_after_too_many_in_a_row(tmp_path):
+    skip = ["optim.on_nonfinite=skip", "optim.max_skips_in_a_row=3", "optim.lr=1e6"]
+    result = run_cli(*TINY_RUN, "--out", str(tmp_path), *skip)
+    assert result.returncode == 2 and "(4 steps in a row)" in result.stderr
+    skipped = [r["skipped_nonfinite"] for r in strict_records(tmp_path) if "skipped_nonfinite" in r]
+    assert skipped == [1, 2, 3, 4]
+    assert "update skipped (3 in a row)" in result.stderr

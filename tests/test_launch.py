@@ -18,6 +18,7 @@ from test_trainer import ROOT, TINY, pretrain, records
 
 from mlm_pretrain.checkpoint import latest_checkpoint
 from mlm_pretrain.run_dir import _lock, hold_run_dir
+from mlm_pretrain.stop import PREEMPTED_EXIT
 
 PLAN = ["--max-steps", "6", "save_every=3", "eval_every=100"]
 TWO = ["optim.micro_batch_size=4"]  # the same global batch (8) and evaluation batch over 2 processes
@@ -146,5 +147,5 @@ def test_a_second_job_is_refused_while_the_first_lives_and_a_killed_job_never_bl
         while latest_checkpoint(out) == killed_at and resumed.poll() is None:
             time.sleep(0.1)
         resumed.send_signal(signal.SIGTERM)  # it trains on: stop it at a step, with a checkpoint
-        assert resumed.wait(timeout=120) == 130
+        assert resumed.wait(timeout=120) == PREEMPTED_EXIT
     assert f"resumed from {killed_at}" in log.read_text()

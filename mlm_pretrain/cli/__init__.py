@@ -13,6 +13,7 @@ import sys
 
 from mlm_pretrain import __version__
 from mlm_pretrain.errors import InputError
+from mlm_pretrain.stop import PREEMPTED_EXIT, Preempted
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 SUBCOMMANDS = ["tokenizer", "pack", "pretrain", "finetune", "push", "demo"]
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"mlm-pretrain {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except Preempted as stopped:
+        print(f"mlm-pretrain {args.command}: {stopped}; rerun with --resume", file=sys.stderr)
+        return PREEMPTED_EXIT
     except KeyboardInterrupt:
         print(f"mlm-pretrain {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -35,6 +35,7 @@ from mlm_pretrain.errors import DiskFullError, InputError
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+DATA = "data.json"  # the data stream's position
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 BYTES_PER_PARAMETER = 12  # fp32 weights and AdamW's two fp32 moments
@@ -53,18 +54,37 @@ def save_checkpoint(
     trainer_state: dict,
     keep_last: int,
 ) -> Path:
-    """Write checkpoint `step` of an MLM run atomically (all ranks call this), keep the newest `keep_last`."""
+    """Write checkpoint `step` of an MLM run atomically (all ranks call this), keep the newest `keep_last`.
+
+    The model and optimizer go in whole (safetensors, torch) under DDP, and as every process's shards
+    through torch.distributed.checkpoint (DCP) under FSDP, which can load them into any number of
+    processes. The data position is the last rank's: its stream has made every block of the step (the
+    ranks take the step's blocks in turn), so any rank of any process count continues from it exactly.
+    """
+    from mlm_pretrain.parallel import is_sharded
+
+    unwrapped = accelerator.unwrap_model(model)
+    sharded = is_sharded(unwrapped)
 
     def write_rank_files(partial: Path, rank: int) -> None:
         torch_save({"torch": torch.get_rng_state(), "python": random.getstate()}, partial / f"rng-{rank}.pt")
-        (partial / f"data-{rank}.json").write_text(json.dumps(data_state, default=_jsonable))
+        if rank == accelerator.num_processes - 1:
+            (partial / DATA).write_text(json.dumps(data_state, default=_jsonable))
+        if sharded:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_state, optimizer_state = get_state_dict(unwrapped, optimizer)
+            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=partial)
 
     def write_shared_files(partial: Path) -> None:
-        save_model(accelerator.unwrap_model(model), str(partial / "model.safetensors"))
-        torch_save(optimizer.state_dict(), partial / "optimizer.pt")
-        (partial / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        if not sharded:
+            save_model(unwrapped, str(partial / "model.safetensors"))
+            torch_save(optimizer.state_dict(), partial / "optimizer.pt")
+        state = {**trainer_state, "processes": accelerator.num_processes, "sharded": sharded}
+        (partial / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
-    estimate = checkpoint_size_estimate(accelerator.unwrap_model(model))
+    estimate = checkpoint_size_estimate(unwrapped)
     return write_atomically(
         run_dir, step, accelerator, write_rank_files, write_shared_files, keep_last, estimate
     )
@@ -180,39 +200,69 @@ def load_checkpoint(
     path: Path, accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[dict, dict]:
     """Restore model, optimizer and this rank's RNG states; return (data state, trainer state).
-    A file that cannot be loaded raises `InputError` naming it."""
-    rank = accelerator.process_index
-    rng_file, data_file = path / f"rng-{rank}.pt", path / f"data-{rank}.json"
-    if not rng_file.exists() or not data_file.exists():
-        raise InputError(
-            f"{path} was written by a run with fewer processes (no state for rank {rank}); "
-            "resume with the same number of processes"
-        )
-    with _loading(path / "model.safetensors") as file:
-        load_model(accelerator.unwrap_model(model), str(file))
-    with _loading(path / "optimizer.pt") as file:
-        optimizer.load_state_dict(torch.load(file, weights_only=True))
-    with _loading(rng_file):
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        random.setstate(_as_tuples(rng["python"]))
-    with _loading(data_file):
-        data_state = json.loads(data_file.read_text())
+    A file that cannot be loaded raises `InputError` naming it.
+
+    A checkpoint resumes with another number of processes: the model and optimizer are whole (DDP) or
+    resharded by DCP (FSDP), and the data position is the global stream's. Only dropout's random
+    streams restart on ranks the old run did not have. A DDP checkpoint is not loaded into an FSDP
+    run or the reverse (`run_dir.checkpoint_to_resume` refuses that before anything is written)."""
+    from mlm_pretrain.parallel import is_sharded
+
+    unwrapped = accelerator.unwrap_model(model)
     with _loading(path / "trainer_state.json") as file:
         trainer_state = json.loads(file.read_text())
+    if is_sharded(unwrapped):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        with _loading(path / ".metadata"):
+            model_state, optimizer_state = get_state_dict(unwrapped, optimizer)
+            dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
+            set_state_dict(
+                unwrapped, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state
+            )
+    else:
+        with _loading(path / "model.safetensors") as file:
+            load_model(unwrapped, str(file))
+        with _loading(path / "optimizer.pt") as file:
+            optimizer.load_state_dict(torch.load(file, weights_only=True))
+    rng_file = path / f"rng-{accelerator.process_index}.pt"
+    if rng_file.exists():
+        with _loading(rng_file):
+            rng = torch.load(rng_file, weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            random.setstate(_as_tuples(rng["python"]))
+    if trainer_state.get("processes", accelerator.num_processes) != accelerator.num_processes:
+        log.warning(
+            "%s was written by %d processes and resumes in %d: weights, optimizer and data position carry "
+            "over exactly; dropout's random streams do not",
+            path,
+            trainer_state["processes"],
+            accelerator.num_processes,
+        )
+    with _loading(path / DATA) as file:
+        data_state = json.loads(file.read_text())
     return data_state, trainer_state
 
 
-def export_model(model: torch.nn.Module, tokenizer, out_dir: Path, card: str, recipe_yaml: str) -> Path:
+def export_model(
+    model: torch.nn.Module,
+    tokenizer,
+    out_dir: Path,
+    card: str,
+    recipe_yaml: str,
+    state: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """A Hugging Face directory: config.json, model.safetensors, tokenizer files, README.md, recipe.yaml.
     Written whole under a temporary name (`atomic_directory`), it replaces an older one only when complete.
 
     A BERT masked-LM model has no pooler, but BertForSequenceClassification uses one: we add a freshly
     initialised pooler (as bert-base checkpoints carry one), so loading for classification reports only
-    the classifier as new.
+    the classifier as new. `state` (default: the model's own) is the weights to write: with FSDP, the
+    model's parameters are shards and the caller passes the gathered whole.
     """
     out_dir = Path(out_dir)
-    state = model.state_dict()
+    state = dict(model.state_dict() if state is None else state)
     if model.config.model_type == "bert":
         generator = torch.Generator().manual_seed(0)
         hidden = model.config.hidden_size

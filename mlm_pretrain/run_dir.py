@@ -89,13 +89,19 @@ def checkpoint_to_resume(recipe, run_dir: Path) -> Path | None:
         if recipe.impl.resume:
             log.info("no usable checkpoint in %s: starting from scratch", run_dir)
         return None
-    saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
-    saved.pop("impl", None)
+    written = json.loads((latest / "trainer_state.json").read_text()).get("sharded", False)
+    if written != (recipe.impl.parallel == "fsdp"):
+        was = "fsdp" if written else "ddp"
+        raise InputError(
+            f"{latest} was written with impl.parallel={was}: resume it with impl.parallel={was} (DDP "
+            "and FSDP checkpoints hold the model in different forms); nothing was changed"
+        )
+    saved = recipe.plan_of(yaml.safe_load((run_dir / "recipe.yaml").read_text()))
     changed = sorted(_differences(saved, recipe.plan()))
     if changed:
         raise InputError(
-            f"{run_dir}/recipe.yaml differs from this recipe in {', '.join(changed)}: a resumed run "
-            "keeps its plan (only impl.* settings may change); choose another --out"
+            f"{run_dir}/recipe.yaml differs from this recipe in {', '.join(changed)}: a resumed run keeps "
+            "its plan (only impl.* settings and optim.micro_batch_size may change); choose another --out"
         )
     return latest
 

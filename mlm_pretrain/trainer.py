@@ -31,6 +31,7 @@ from mlm_pretrain.models import ModelRecipe
 from mlm_pretrain.objectives.mlm import MaskingConfig
 from mlm_pretrain.objectives.word2vec import Word2VecConfig
 from mlm_pretrain.optim import OptimRecipe
+from mlm_pretrain.parallel import PARALLELS, clip_grad_norm, full_state_dict, no_gradient_sync
 from mlm_pretrain.stop import StopRequest
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,9 @@ class ImplRecipe:
 
     out: str = "runs/pretrain"
     mixed_precision: str = "no"  # "bf16" runs autocast in bfloat16, on CPU too
-    compile: bool = False  # torch.compile encoder and MLM head (worth it with bf16; ~1 min to compile on CPU)
+    compile: bool = False  # torch.compile each encoder layer and the MLM head (worth it with bf16)
+    parallel: str = "ddp"  # ddp | fsdp: how the model is spread over processes (see parallel.py)
+    activation_checkpointing: bool = False  # recompute each encoder layer in backward: less memory
     threads: int | None = None  # torch threads per process; default: cores / processes
     resume: bool = False  # continue from the newest checkpoint in `out`
     eval_every: int = 200
@@ -70,6 +73,10 @@ class ImplRecipe:
     progress: bool = True
     push_to_hub: str | None = None  # a repo id: push the exported model every `push_every` checkpoints
     push_every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.parallel not in PARALLELS:
+            raise ValueError(f"impl.parallel {self.parallel!r} unknown; valid: {', '.join(PARALLELS)}")
 
 
 @dataclass
@@ -96,9 +103,14 @@ class PretrainRecipe:
             raise ValueError("set at least one stop rule: max_steps, max_tokens or max_minutes")
 
     def plan(self) -> dict:
-        """Everything that decides what the run learns: all but `impl`."""
-        plan = asdict(self)
-        del plan["impl"]
+        return self.plan_of(asdict(self))
+
+    @staticmethod
+    def plan_of(recipe: dict) -> dict:
+        """Everything in a recipe that decides what the run learns: all but `impl`, and the micro-batch
+        size, which only splits the global batch (so a run may resume on another number of processes)."""
+        plan = {k: v for k, v in recipe.items() if k != "impl"}
+        plan["optim"] = {k: v for k, v in plan.get("optim", {}).items() if k != "micro_batch_size"}
         return plan
 
 
@@ -125,6 +137,7 @@ def pretrain(recipe: PretrainRecipe) -> dict:
     from mlm_pretrain.objectives.mlm import SparseMLM
     from mlm_pretrain.optim import build_optimizer, lr_factor, set_lr
     from mlm_pretrain.packing import BlockStream, TokenInfo
+    from mlm_pretrain.parallel import parallelize
     from mlm_pretrain.run_dir import checkpoint_to_resume, hold_run_dir, write_recipe
     from mlm_pretrain.run_log import RunLog
     from mlm_pretrain.tokenizer import load_tokenizer
@@ -153,14 +166,11 @@ def pretrain(recipe: PretrainRecipe) -> dict:
     tokenizer = load_tokenizer(recipe.data.tokenizer)
     info = TokenInfo(tokenizer)
     model = build_model(recipe.model, tokenizer, recipe.data.seq_len)
-    if impl.compile:
-        model.base_model.compile()
-    # the head sees a different number of masked positions every step: compiled apart, with dynamic shapes
-    objective = SparseMLM(model, compile_head=impl.compile)
-    optimizer = build_optimizer(model, optim.lr, optim.weight_decay, tuple(optim.betas), optim.eps)
     if accelerator.is_main_process:
         warn_if_disk_low(run_dir, checkpoint_size_estimate(model))
-    objective, optimizer = accelerator.prepare(objective, optimizer)
+    # the head sees a different number of masked positions every step: compiled apart, with dynamic shapes
+    objective = parallelize(SparseMLM(model, compile_head=impl.compile), impl, accelerator)
+    optimizer = build_optimizer(objective, optim.lr, optim.weight_decay, tuple(optim.betas), optim.eps)
     documents = TextStream(
         recipe.data.corpus, text_field=recipe.data.text_field, seed=recipe.seed, epochs=None
     )
@@ -213,9 +223,13 @@ def pretrain(recipe: PretrainRecipe) -> dict:
         ]
         return max(done)
 
-    def export_to(directory: Path) -> Path:
+    def export_to(directory: Path) -> Path | None:
+        """Every process calls this (FSDP gathers the shards); the main process writes."""
+        state = full_state_dict(accelerator.unwrap_model(objective))
+        if not accelerator.is_main_process:
+            return None
         model = accelerator.unwrap_model(objective).model
-        return export(recipe, model, tokenizer, directory, metrics, tokens=step * tokens_per_step, steps=step)
+        return export(recipe, model, state, tokenizer, directory, metrics, step * tokens_per_step, step)
 
     bar = tqdm(
         total=recipe.max_steps,
@@ -254,7 +268,7 @@ def pretrain(recipe: PretrainRecipe) -> dict:
                 run_log.log(step, **metrics)
             stopping = stop.requested(accelerator)
             if step % impl.save_every == 0 or finished or stopping:
-                check_finite(objective, step, run_dir)
+                check_finite(objective, step, run_dir, accelerator)
                 save_checkpoint(
                     run_dir,
                     step,
@@ -266,8 +280,10 @@ def pretrain(recipe: PretrainRecipe) -> dict:
                     impl.keep_last,
                 )
                 pushes_due = impl.push_every and (step // impl.save_every) % impl.push_every == 0
-                if impl.push_to_hub and pushes_due and not finished and accelerator.is_main_process:
-                    push_checkpoint(export_to(run_dir / "hub_export"), impl.push_to_hub, step=step)
+                if impl.push_to_hub and pushes_due and not finished:
+                    exported = export_to(run_dir / "hub_export")
+                    if exported:
+                        push_checkpoint(exported, impl.push_to_hub, step=step)
             if stopping:
                 bar.close()
                 stop.stop(stopping, step, run_dir)
@@ -275,10 +291,8 @@ def pretrain(recipe: PretrainRecipe) -> dict:
 
     metrics = evaluate(accelerator.unwrap_model(objective), recipe, tokenizer, info, accelerator)
     run_log.log(step, **metrics)
-    if accelerator.is_main_process:
-        export_to(run_dir / "final")
-        if impl.push_to_hub:
-            push_checkpoint(run_dir / "final", impl.push_to_hub, step=step)
+    if export_to(run_dir / "final") and impl.push_to_hub:
+        push_checkpoint(run_dir / "final", impl.push_to_hub, step=step)
     accelerator.wait_for_everyone()
     run_log.close()  # ends accelerate's trackers, and with them the process group: last
     return metrics
@@ -305,16 +319,16 @@ def train_step(
     loss_sum = torch.zeros((), device=batch.masked.device)
     last = len(batch.micro_batches) - 1
     for i, micro in enumerate(batch.micro_batches):
-        with accelerator.no_sync(objective) if i < last else nullcontext(), accelerator.autocast():
+        with no_gradient_sync(objective) if i < last else nullcontext(), accelerator.autocast():
             loss, _ = objective(
                 micro.input_ids, micro.attention_mask, micro.positions, micro.labels, count_correct=False
             )
-            # DDP averages gradients over processes; scale so they sum to d(total loss / masked)
+            # DDP and FSDP average gradients over processes; scale so they sum to d(total loss / masked)
             accelerator.backward(loss * world / masked)
         loss_sum += loss.detach()
     finite = torch.isfinite(loss_sum)
     if clip > 0:
-        finite &= torch.isfinite(accelerator.clip_grad_norm_(objective.parameters(), clip))
+        finite &= torch.isfinite(clip_grad_norm(objective, clip))
     if world > 1:
         finite = accelerator.reduce(finite.float(), "min") > 0
     applied = bool(finite)
@@ -342,13 +356,17 @@ def handle_nonfinite(optim: OptimRecipe, step: int, in_a_row: int, run_dir: Path
     )
 
 
-def check_finite(objective: torch.nn.Module, step: int, run_dir: Path) -> None:
-    """Never save non-finite weights: a finite gradient can still overflow a weight."""
-    bad = [name for name, p in objective.named_parameters() if not torch.isfinite(p).all()]
+def check_finite(objective: torch.nn.Module, step: int, run_dir: Path, accelerator) -> None:
+    """Never save non-finite weights (a finite gradient can still overflow a weight). Every process
+    checks what it holds (a shard, with FSDP) and they decide together."""
+    from torch.distributed.tensor import DTensor
+
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in objective.parameters()]
+    bad = sum(int(not torch.isfinite(p).all()) for p in local)
+    if accelerator.num_processes > 1:
+        bad = int(accelerator.reduce(torch.tensor(bad, device=accelerator.device), "sum"))
     if bad:
-        raise Diverged(
-            f"step {step}: non-finite weights in {bad[0]} ({len(bad)} tensors); not saved in {run_dir}"
-        )
+        raise Diverged(f"step {step}: non-finite weights ({bad} tensors); not saved in {run_dir}")
 
 
 @torch.no_grad()
@@ -400,6 +418,7 @@ def score_batches(objective: torch.nn.Module, batches, accelerator) -> torch.Ten
 def export(
     recipe: PretrainRecipe,
     model: torch.nn.Module,
+    state: dict[str, torch.Tensor],
     tokenizer,
     out_dir: Path,
     metrics: dict,
@@ -409,9 +428,8 @@ def export(
     from mlm_pretrain.checkpoint import export_model
 
     recipe_yaml = yaml.safe_dump(asdict(recipe), sort_keys=False)
-    return export_model(
-        model, tokenizer, out_dir, model_card(recipe, metrics, tokens, steps, recipe_yaml), recipe_yaml
-    )
+    card = model_card(recipe, metrics, tokens, steps, recipe_yaml)
+    return export_model(model, tokenizer, out_dir, card, recipe_yaml, state=state)
 
 
 def model_card(recipe: PretrainRecipe, metrics: dict, tokens: int, steps: int, recipe_yaml: str) -> str:

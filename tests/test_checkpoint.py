@@ -69,7 +69,7 @@ def test_a_checkpoint_lists_every_file_with_its_size_and_sha256(tmp_path, accele
     path = save(tmp_path, 1, accelerator)
     manifest = json.loads((path / "manifest.json").read_text())["files"]
     files = sorted(p.name for p in path.iterdir() if p.name != "manifest.json")
-    expected = ["data-0.json", "model.safetensors", "optimizer.pt", "rng-0.pt", "trainer_state.json"]
+    expected = ["data.json", "model.safetensors", "optimizer.pt", "rng-0.pt", "trainer_state.json"]
     assert sorted(manifest) == files == expected
     for name, entry in manifest.items():
         data = (path / name).read_bytes()
@@ -86,7 +86,7 @@ def test_a_checkpoint_restores_what_was_saved(tmp_path, accelerator):
 
     restored, restored_optimizer = trained(2)
     data_state, trainer_state = load_checkpoint(path, accelerator, restored, restored_optimizer)
-    assert (data_state, trainer_state) == ({"position": 3}, {"step": 1})
+    assert (data_state, trainer_state) == ({"position": 3}, {"step": 1, "processes": 1, "sharded": False})
     assert torch.equal(torch.rand(3), expected_draw)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), restored.parameters(), strict=True))
     moments = optimizer.state_dict()["state"][0]["exp_avg"]
@@ -122,7 +122,7 @@ def test_with_every_checkpoint_damaged_there_is_none_to_resume(tmp_path, acceler
         ("model.safetensors", lambda file: file.write_bytes(b"\xff" * 64)),
         ("optimizer.pt", truncate),
         ("rng-0.pt", lambda file: file.write_bytes(b"not a zip file")),
-        ("data-0.json", lambda file: file.write_text('{"position": ')),
+        ("data.json", lambda file: file.write_text('{"position": ')),
         ("trainer_state.json", lambda file: file.write_bytes(b"\xff\xfe")),
     ],
 )

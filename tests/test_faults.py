@@ -309,7 +309,7 @@ def test_torchrun_forwards_sigterm_and_both_ranks_stop_at_one_step_then_resume_e
     assert preempt(torchrun(), out, signal.SIGTERM, *two) != 0  # torchrun reports its workers' stop
     checkpoint = latest_checkpoint(out)
     assert checkpoint is not None and int(checkpoint.name[5:]) % 50  # both ranks agreed on one step
-    assert sorted(p.name for p in checkpoint.glob("data-*.json")) == ["data-0.json", "data-1.json"]
+    assert sorted(p.name for p in checkpoint.glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
     again = subprocess.run([*torchrun(), *TINY_RUN, *two, "--out", str(out), "--resume"], cwd=ROOT)
     assert again.returncode == 0
     assert_same_weights(final_weights(tmp_path / "straight"), final_weights(out))

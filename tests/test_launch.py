@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from test_trainer import ROOT, TINY, pretrain, records
+from transformers import AutoModelForMaskedLM
 
 from mlm_pretrain.checkpoint import latest_checkpoint
 from mlm_pretrain.run_dir import _lock, hold_run_dir
@@ -105,8 +106,10 @@ def test_every_launcher_forms_one_group_with_the_loss_curve_of_one_process(launc
         assert a == pytest.approx(b, rel=1e-4)
     assert records(out, "eval_loss")[0][1] == pytest.approx(records(one_process, "eval_loss")[0][1], rel=1e-4)
     checkpoint = latest_checkpoint(out)
-    assert sorted(p.name for p in checkpoint.glob("data-*.json")) == ["data-0.json", "data-1.json"]
-    assert (out / "final" / "config.json").exists() and not list(out.glob("final?*"))
+    assert sorted(p.name for p in checkpoint.glob("rng-*.pt")) == ["rng-0.pt", "rng-1.pt"]
+    assert not list(out.glob("final?*"))  # one export, no leftovers of a second
+    _, info = AutoModelForMaskedLM.from_pretrained(out / "final", output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
 
 
 def test_a_run_directory_is_held_by_one_holder_at_a_time(tmp_path):

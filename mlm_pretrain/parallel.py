@@ -1,0 +1,130 @@
+"""How the model is spread over the processes: `parallelize(objective, impl, accelerator)` after it is
+built and before its optimizer (torchtitan's shape), and the few operations that differ between the two
+ways (gradient sync, clipping, a full state dict).
+
+- `ddp`: every process holds the whole model; accelerate wraps it in DistributedDataParallel.
+- `fsdp`: PyTorch's FSDP2 (`fully_shard`) shards parameters, gradients and optimizer state over the
+  processes: one shard group per encoder layer, the embeddings with the MLM head (tied to them) in
+  one group, the root last. With bf16 on a GPU, parameters are gathered in bf16 and gradients reduced
+  in fp32. accelerate's own FSDP plugin is not used: it falls back to DDP on the CPU, where the tests
+  run, so the sharding here is FSDP2 called directly, the same on every device.
+
+Both take `impl.activation_checkpointing` (recompute each encoder layer in the backward pass) and
+`impl.compile` (compile each encoder layer, so identical layers share one graph).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch
+
+from mlm_pretrain.errors import InputError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+PARALLELS = ("ddp", "fsdp")
+
+
+def encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The transformer blocks of an HF encoder (BERT, RoBERTa: encoder.layer; ModernBERT: layers)."""
+    base = model.base_model
+    return base.encoder.layer if hasattr(base, "encoder") else base.layers
+
+
+def head_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The MLM head's modules, whose decoder is tied to the input embeddings."""
+    for names in (("cls",), ("lm_head",), ("head", "decoder")):
+        if all(hasattr(model, n) for n in names):
+            return [getattr(model, n) for n in names]
+    raise TypeError(f"no known MLM head on {type(model).__name__}")
+
+
+def parallelize(objective: torch.nn.Module, impl, accelerator) -> torch.nn.Module:
+    """Apply activation checkpointing, per-layer compilation and the parallelism `impl.parallel` names
+    to `objective` (a `SparseMLM`), in place where the method allows; return what the loop trains."""
+    model = objective.model
+    if impl.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if impl.compile:
+        for layer in encoder_layers(model):
+            layer.compile()
+    if impl.parallel == "ddp":
+        return accelerator.prepare_model(objective)
+    import torch.distributed as dist
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if not dist.is_initialized():
+        raise InputError(
+            "impl.parallel=fsdp shards over a process group: launch with torchrun or accelerate launch "
+            "(`torchrun --nproc_per_node 1 -m mlm_pretrain ...` for one process)"
+        )
+
+    objective.to(accelerator.device)
+    bf16_on_gpu = impl.mixed_precision == "bf16" and accelerator.device.type == "cuda"
+    policy = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_on_gpu else None
+    )
+    shard = {"mp_policy": policy} if policy else {}
+    for layer in encoder_layers(model):
+        fully_shard(layer, **shard)
+    fully_shard([model.base_model.embeddings, *head_modules(model)], **shard)
+    fully_shard(objective, **shard)
+    return objective
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextmanager
+def no_gradient_sync(model: torch.nn.Module) -> Iterator[None]:
+    """Accumulate this micro-batch's gradients locally: no all-reduce (DDP) or reduce-scatter (FSDP)."""
+    if is_sharded(model):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    else:
+        yield
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the gradients to `max_norm` in total; return their norm before clipping. With FSDP each
+    process holds a shard of each gradient, and the norm is made whole across them."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    if isinstance(norm, DTensor):
+        norm = norm.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm)
+    return norm
+
+
+def full_state_dict(objective: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of the HF model inside `objective` (an unwrapped `SparseMLM`), whole and on the CPU
+    of the main process; with FSDP every process must call this (it gathers the shards) and the others
+    get an empty dict."""
+    if not is_sharded(objective):
+        return {k: v.detach().cpu() for k, v in objective.model.state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # a tied parameter (the MLM decoder is the input embedding) is one tensor under several names; the
+    # gathered copies no longer share storage, so keep the first name, as save_pretrained would
+    first_name: dict[int, str] = {}
+    for name, param in objective.model.named_parameters(remove_duplicate=False):
+        first_name.setdefault(id(param), name)
+    tied = {f"model.{name}" for name, p in objective.model.named_parameters(remove_duplicate=False)} - {
+        f"model.{name}" for name in first_name.values()
+    }
+    return {k.removeprefix("model."): v for k, v in state.items() if k not in tied}

@@ -58,6 +58,11 @@ def apply_override(schema: type, data: dict, override: str) -> list[str]:
     except yaml.YAMLError:
         value = raw
     path = resolve_key(schema, key.strip())
+    hint = _hint(schema, path)
+    if isinstance(value, bool) and str in (hint, *typing.get_args(hint)):
+        value = (
+            raw  # YAML 1.1 reads no/yes/on/off as booleans; for a text key (mixed_precision=no) it's the word
+        )
     node = data
     for part in path[:-1]:
         node = node.setdefault(part, {})
@@ -201,6 +206,13 @@ def _leaf_paths(schema: type, prefix: tuple = ()) -> typing.Iterator[list[str]]:
             yield from _leaf_paths(hints[f.name], (*prefix, f.name))
         else:
             yield [*prefix, f.name]
+
+
+def _hint(schema: type, path: list[str]):
+    """The type of the key at `path` in `schema` (a group's dataclass for a group)."""
+    for part in path:
+        schema = typing.get_type_hints(schema)[part]
+    return schema
 
 
 def _group_paths(schema: type, prefix: tuple = ()) -> typing.Iterator[list[str]]:

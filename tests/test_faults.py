@@ -357,3 +357,8 @@ def test_skip_drops_non_finite_updates_and_stops_after_too_many_in_a_row(tmp_pat
     skipped = [r["skipped_nonfinite"] for r in strict_records(tmp_path) if "skipped_nonfinite" in r]
     assert skipped == [1, 2, 3, 4]
     assert "update skipped (3 in a row)" in result.stderr
+
+
+def test_a_word_yaml_reads_as_a_boolean_stays_a_word_for_a_text_key():
+    recipe = load_recipe(PretrainRecipe, TINY_RECIPE, ["mixed_precision=no", "impl.compile=no"])
+    assert recipe.impl.mixed_precision == "no" and recipe.impl.compile is False

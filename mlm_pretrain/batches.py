@@ -108,7 +108,7 @@ class MLMBatches:
             )
             micro_batches.append(MicroBatch(**to_device(parts, self.device)))
         self.step += 1
-        masked = torch.tensor(float(predict.sum()), device=self.device)
+        masked = to_device({"masked": predict.sum().float()}, self.device)["masked"]
         return Step(micro_batches, masked)
 
     def state_dict(self) -> dict:

@@ -2,8 +2,10 @@
 
 Ctrl-C (SIGINT), SIGTERM (what `torchrun`, Kubernetes and `scancel` send) and SIGUSR1 (SLURM's
 `--signal=USR1@120` warning before a preemption or the time limit) ask the loop to finish its step,
-write a checkpoint and stop; a second signal stops at once. With several processes they agree on the
-step to stop at (one tiny all-reduce per step), so every rank saves the same step.
+write a checkpoint and stop. A second Ctrl-C stops at once; a repeated SIGTERM or SIGUSR1 does not,
+since a scheduler's signal often arrives twice (SLURM signals every process of a step, and torchrun
+forwards what it gets to its workers too). With several processes they agree on the step to stop at
+(one tiny all-reduce per step), so every rank saves the same step.
 
 A run stopped by SIGTERM or SIGUSR1 exits with `PREEMPTED_EXIT` (75, EX_TEMPFAIL: "try again"), which a
 job script tests to requeue the same command with `--resume`; Ctrl-C exits with 130 as shells expect.
@@ -40,10 +42,13 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _ask(self, signum, frame) -> None:
-        if self._asked:
+        asked = self.SIGNALS[signal.Signals(signum)]
+        if self._asked and asked == INTERRUPTED:
             raise KeyboardInterrupt
-        self._asked = self.SIGNALS[signal.Signals(signum)]
-        log.warning("%s: stopping after this step (again to stop at once)", signal.Signals(signum).name)
+        if not self._asked:
+            hint = " (Ctrl-C again to stop at once)" if asked == INTERRUPTED else ""
+            log.warning("%s: stopping after this step%s", signal.Signals(signum).name, hint)
+        self._asked = max(self._asked, asked)
 
     def requested(self, accelerator) -> int:
         """NONE, INTERRUPTED or PREEMPTED, the same on every process."""

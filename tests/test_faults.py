@@ -362,3 +362,23 @@ def test_skip_drops_non_finite_updates_and_stops_after_too_many_in_a_row(tmp_pat
 def test_a_word_yaml_reads_as_a_boolean_stays_a_word_for_a_text_key():
     recipe = load_recipe(PretrainRecipe, TINY_RECIPE, ["mixed_precision=no", "impl.compile=no"])
     assert recipe.impl.mixed_precision == "no" and recipe.impl.compile is False
+
+
+def test_a_repeated_preemption_signal_keeps_the_checkpointing_stop_and_a_second_ctrl_c_stops_at_once():
+    import signal
+
+    from mlm_pretrain.stop import INTERRUPTED, PREEMPTED, StopRequest
+
+    class Alone:
+        num_processes = 1
+
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        os.kill(os.getpid(), signal.SIGTERM)  # SLURM and torchrun may both deliver one
+        assert stop.requested(Alone()) == PREEMPTED
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested(Alone()) == INTERRUPTED
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))

@@ -30,6 +30,13 @@ def main() -> None:
         "--epochs", type=int, default=5, help="fine-tuning epochs (early stopping may cut them)"
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--lr",
+        nargs="+",
+        type=float,
+        default=[3e-4, 1e-3],
+        help="fine-tuning rates; each side keeps its best",
+    )
     args = parser.parse_args()
     data, out = Path(args.data), Path(args.out)
 
@@ -77,7 +84,7 @@ def main() -> None:
     from mlm_pretrain.finetune import FinetuneConfig, finetune, load_task
 
     task = load_task(str(data / "tasks" / "rt_sentiment"))
-    config = FinetuneConfig(epochs=args.epochs, threads=args.threads)
+    config = FinetuneConfig(epochs=args.epochs, threads=args.threads, lrs=tuple(args.lr))
     ours = finetune(final, task, out / "finetune-pretrained", seeds=args.seeds, config=config)
     scratch = finetune(
         final,

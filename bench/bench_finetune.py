@@ -45,7 +45,7 @@ def run_ours(args: argparse.Namespace) -> dict:
     config = FinetuneConfig(
         epochs=args.epochs,
         patience=args.epochs,  # no early stop: the same epochs as the peer
-        lr=args.lr,
+        lrs=(args.lr,),
         batch_size=args.batch_size,
         max_length=args.max_length,
         mixed_precision=args.precision,

@@ -57,12 +57,16 @@ class Setup:
 
     @staticmethod
     def where(stream: BlockStream, state: dict) -> tuple[str, int, int]:
-        """(file, byte offset, epoch) of the text position a restore from `state` seeks to."""
+        """(file, byte offset, epoch) of the deepest position a restore from `state` seeks to: the files
+        of a source are read together, a group at a time."""
+        from mlm_pretrain.corpus import INTERLEAVED_FILES
+
         pos = state["text"]["positions"][0]
         reader = stream.documents.readers[0]
-        order = reader.file_order(pos["epoch"])
-        name = reader.files[order[pos["file"]]].name if pos["file"] < len(order) else "(end of epoch)"
-        return name, pos["offset"], pos["epoch"]
+        group = reader.file_order(pos["epoch"])[pos["group"] * INTERLEAVED_FILES :]
+        open_files = [(at[0], reader.files[i].name) for i, at in zip(group, pos["files"], strict=False) if at]
+        offset, name = max(open_files, default=(0, "(end of group)"))
+        return name, offset, pos["epoch"]
 
 
 class Point:

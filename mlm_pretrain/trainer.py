@@ -244,20 +244,21 @@ def pretrain(recipe: PretrainRecipe) -> dict:
             started = time.perf_counter()
             lr = optim.lr * lr_factor(progress(), optim.schedule, optim.warmup, optim.decay)
             set_lr(optimizer, lr)
-            stats = train_step(objective, optimizer, next(batches), accelerator, optim.clip)
+            loss_sum, masked = forward_backward(objective, next(batches), accelerator)
+            applied = apply_update(objective, optimizer, loss_sum, optim.clip, accelerator)
             step += 1
             window_steps += 1
             elapsed += time.perf_counter() - started
             if recipe.max_minutes:  # every process must stop at the same step
                 elapsed = float(accelerator.reduce(torch.tensor(elapsed, device=accelerator.device), "max"))
             bar.update(1)
-            skipped_in_a_row = 0 if stats.finite else skipped_in_a_row + 1
+            skipped_in_a_row = 0 if applied else skipped_in_a_row + 1
             if skipped_in_a_row:
                 handle_nonfinite(optim, step, skipped_in_a_row, run_dir, run_log)
 
             finished = progress() >= 1.0
             if step % impl.log_every == 0 or finished:
-                loss_value = float(accelerator.reduce(stats.loss_sum, "sum") / stats.masked)
+                loss_value = float(accelerator.reduce(loss_sum, "sum") / masked)
                 now = time.perf_counter()
                 speed = window_steps * tokens_per_step / (now - window_start)
                 window_start, window_steps = now, 0
@@ -298,22 +299,14 @@ def pretrain(recipe: PretrainRecipe) -> dict:
     return metrics
 
 
-@dataclass
-class StepStats:
-    loss_sum: torch.Tensor  # this rank's summed loss
-    masked: torch.Tensor  # the global batch's masked-token count
-    finite: bool  # loss and gradient norm finite on every rank: the update was applied
-
-
-def train_step(
-    objective: torch.nn.Module, optimizer: torch.optim.Optimizer, batch, accelerator, clip: float
-) -> StepStats:
-    """One optimizer step on this rank's share of the global batch (a `batches.Step`).
+def forward_backward(objective: torch.nn.Module, batch, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accumulate the gradients of this rank's share of a global batch (a `batches.Step`); return the
+    rank's summed loss and the global batch's masked-token count, on the batch's device, without a
+    host sync.
 
     Each micro-batch's loss is divided by the masked count of the whole global batch, so one process
     with a batch of 8 and two with 4 each compute the same gradient; gradients are synced once, on the
-    last micro-batch. A non-finite loss or gradient norm on any rank skips the update on every rank
-    (the check costs one host sync a step)."""
+    last micro-batch."""
     world = accelerator.num_processes
     masked = accelerator.reduce(batch.masked, "sum")
     loss_sum = torch.zeros((), device=batch.masked.device)
@@ -326,16 +319,28 @@ def train_step(
             # DDP and FSDP average gradients over processes; scale so they sum to d(total loss / masked)
             accelerator.backward(loss * world / masked)
         loss_sum += loss.detach()
+    return loss_sum, masked
+
+
+def apply_update(
+    objective: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_sum: torch.Tensor,
+    clip: float,
+    accelerator,
+) -> bool:
+    """Clip and step, unless the loss or the gradient norm is not finite on some rank: then every rank
+    skips the update. Returns whether it was applied (deciding costs one host sync a step)."""
     finite = torch.isfinite(loss_sum)
     if clip > 0:
         finite &= torch.isfinite(clip_grad_norm(objective, clip))
-    if world > 1:
+    if accelerator.num_processes > 1:
         finite = accelerator.reduce(finite.float(), "min") > 0
     applied = bool(finite)
     if applied:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepStats(loss_sum, masked, applied)
+    return applied
 
 
 def handle_nonfinite(optim: OptimRecipe, step: int, in_a_row: int, run_dir: Path, run_log) -> None:

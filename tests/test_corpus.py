@@ -1,11 +1,13 @@
 import gzip
 import json
 import logging
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from mlm_pretrain import corpus as corpus_module
 from mlm_pretrain.corpus import ALIASES, TextStream, as_sources, expand_paths
 from mlm_pretrain.errors import InputError
 
@@ -160,3 +162,67 @@ def test_file_order_is_reshuffled_every_epoch_with_the_seed(tmp_path):
     assert all(sorted(e) == sorted(epochs[0]) for e in epochs)
     assert len({tuple(e) for e in epochs}) > 1
     assert docs != list(TextStream([str(tmp_path)], seed=2, epochs=3))
+
+
+def write_three_domains(directory):
+    """Three files of different sizes, formats and document lengths; a document names its file."""
+    directory.mkdir()
+    (directory / "a.txt").write_text("".join(f"a{i} short line\n" for i in range(600)))
+    with gzip.open(directory / "b.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"text": f"b{i} " + "long " * 200}) + "\n" for i in range(40))
+    pq.write_table(pa.table({"text": [f"c{i} " + "mid " * 20 for i in range(150)]}), directory / "c.parquet")
+    return str(directory)
+
+
+def test_the_files_of_a_directory_are_mixed_from_the_start_in_proportion_to_their_text(tmp_path):
+    corpus = write_three_domains(tmp_path / "corpus")
+    docs = list(TextStream([corpus], seed=0))
+    assert sorted(d[0] for d in docs) == ["a"] * 600 + ["b"] * 40 + ["c"] * 150
+    assert {d[0] for d in docs[:30]} == {"a", "b", "c"}  # read one file after another: 30 a's
+    totals = Counter()
+    for d in docs:
+        totals[d[0]] += len(d)
+    share = {k: v / sum(totals.values()) for k, v in totals.items()}
+    for end in (len(docs) // 4, len(docs) // 2):  # every stretch holds the corpus' mixture, in text
+        read = Counter()
+        for d in docs[:end]:
+            read[d[0]] += len(d)
+        assert all(abs(read[k] / sum(read.values()) - share[k]) < 0.05 for k in share)
+    assert {d[0] for d in docs[-len(docs) // 20 :]} == {"a", "b", "c"}  # and the files end together
+
+    assert docs == list(TextStream([corpus], seed=0))
+    epochs = list(TextStream([corpus], seed=0, epochs=3))
+    assert sorted(epochs) == sorted(docs * 3) and epochs[: len(docs)] == docs
+    assert epochs != list(TextStream([corpus], seed=1, epochs=3))  # the seed orders the files
+
+
+def test_an_interleaved_directory_resumes_exactly_and_shards_by_rank(tmp_path):
+    corpus = write_three_domains(tmp_path / "corpus")
+    straight = list(TextStream([corpus], seed=4, epochs=2))
+    for cut in (1, 2, 3, 57, 400, len(straight) // 2 - 1, len(straight) // 2, len(straight) - 1):
+        stream = TextStream([corpus], seed=4, epochs=2)
+        it = iter(stream)
+        head = [next(it) for _ in range(cut)]
+        state = json.loads(json.dumps(stream.state_dict()))  # as a checkpoint stores it
+        resumed = TextStream([corpus], seed=4, epochs=2)
+        resumed.load_state_dict(state)
+        assert head + list(resumed) == straight, cut
+        assert list(it) == straight[cut:]  # and saving left the stream as it was
+
+    ranks = [list(TextStream([corpus], seed=4, epochs=2, rank=r, world_size=3)) for r in range(3)]
+    assert [ranks[r] == straight[r::3] for r in range(3)] == [True] * 3
+
+
+def test_interleaving_can_be_turned_off_and_is_bounded_to_groups_of_files(tmp_path, monkeypatch):
+    corpus = write_three_domains(tmp_path / "corpus")
+    docs = list(TextStream([{"path": corpus, "interleave_files": False}], shuffle_files=False))
+    assert "".join(d[0] for d in docs) == "a" * 600 + "b" * 40 + "c" * 150
+
+    monkeypatch.setattr(corpus_module, "INTERLEAVED_FILES", 2)
+    docs = list(TextStream([corpus], shuffle_files=False))
+    mixed, rest = docs[:640], docs[640:]
+    assert {d[0] for d in mixed[:30]} == {"a", "b"}
+    assert sorted(d[0] for d in mixed) == ["a"] * 600 + ["b"] * 40
+    assert {d[0] for d in rest} == {"c"}
+    with pytest.raises(InputError, match="unknown: interleave"):
+        as_sources([{"path": corpus, "interleave": False}])

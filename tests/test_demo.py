@@ -1,5 +1,6 @@
 """The README's main command, end to end, on a short budget."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -30,8 +31,9 @@ def test_demo_runs_the_whole_pipeline_and_prints_the_comparison(tmp_path):
         timeout=900,  # not the repo: the package must suffice
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    table = result.stdout[result.stdout.index("| model | score |") :]
-    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in table.splitlines()[2:5]}
+    table = result.stdout[result.stdout.index("| model | score | learning rate |") :]
+    cells = [[cell.strip() for cell in line.split("|")[1:4]] for line in table.splitlines()[2:5]]
+    rows = {name: float(score) for name, score, _ in cells}
     assert set(rows) == {
         "our pretrained checkpoint",
         "same architecture, random init",
@@ -39,6 +41,10 @@ def test_demo_runs_the_whole_pipeline_and_prints_the_comparison(tmp_path):
     }
     assert all(0.3 < score <= 1.0 for score in rows.values())
     assert rows["TF-IDF + logistic regression"] > 0.65  # a real baseline on real data
+    assert all(lr in ("0.0003", "0.001") for _, _, lr in cells[:2])  # each encoder's pick from one grid
+    for side in ("pretrained", "random-init"):
+        saved = json.loads((tmp_path / f"finetune-{side}" / "results.json").read_text())
+        assert [entry["lr"] for entry in saved["grid"]] == [3e-4, 1e-3]
     for path in (
         "tokenizer/tokenizer.json",
         "pretrain/final/model.safetensors",

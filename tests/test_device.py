@@ -17,7 +17,7 @@ from mlm_pretrain.models import ModelRecipe, build_model
 from mlm_pretrain.objectives.mlm import MaskingConfig, SparseMLM
 from mlm_pretrain.packing import BlockStream, TokenInfo
 from mlm_pretrain.tokenizer import load_tokenizer
-from mlm_pretrain.trainer import score_batches, train_step
+from mlm_pretrain.trainer import forward_backward, score_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 META = torch.device("meta")
@@ -49,8 +49,10 @@ def test_a_training_step_and_an_evaluation_run_wholly_on_the_loops_device(tokeni
     assert len(step.micro_batches) == 2 and step.masked.device == META
     for micro in step.micro_batches:
         assert {t.device for t in vars(micro).values() if t is not None} == {META}
-    loss_sum, masked = train_step(objective, optimizer, step, accelerator, clip=1.0)
+    loss_sum, masked = forward_backward(objective, step, accelerator)
     assert loss_sum.device == META and masked.device == META
+    assert all(p.grad.device == META for p in objective.parameters())
+    optimizer.step()  # (deciding whether to apply an update reads the loss on the host: not on meta)
 
     stream = BlockStream(TextStream(["@sample-validation"], shuffle_files=False), tokenizer, 32)
     evaluation = evaluation_batches(
@@ -61,7 +63,7 @@ def test_a_training_step_and_an_evaluation_run_wholly_on_the_loops_device(tokeni
     # the check has teeth: the same step built on the CPU cannot meet the model on its device
     cpu_step = next(batches_on(torch.device("cpu"), tokenizer))
     with pytest.raises((RuntimeError, NotImplementedError)):
-        train_step(objective, optimizer, cpu_step, accelerator, clip=1.0)
+        forward_backward(objective, cpu_step, accelerator)
 
 
 def test_batches_resume_exactly_and_mask_the_same_on_any_device(tokenizer):

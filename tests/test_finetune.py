@@ -7,6 +7,8 @@ pretraining command's output is not a fixture of these tests.
 import json
 import os
 import random
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +23,7 @@ from mlm_pretrain.finetune.scoring import METRICS_DIR
 
 DATA = Path(__file__).parent / "data" / "tasks"
 SHIPPED_RT = Path(__file__).parents[1] / "mlm_pretrain" / "data" / "tasks" / "rt_sentiment"
-TINY = FinetuneConfig(epochs=2, lr=1e-3, batch_size=16, max_length=64)
+TINY = FinetuneConfig(epochs=2, lrs=(1e-3,), batch_size=16, max_length=64)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -159,7 +161,7 @@ def test_regression_end_to_end_from_scratch_leaves_card_alone(model_dir, tmp_pat
     before = card.read_text() if card.exists() else None
     result = finetune(model_dir, str(DATA / "stsb"), tmp_path, seeds=1, config=TINY, from_scratch=True)
     test = result["seeds"][0]["scores"]["test"]
-    assert set(test) == {"pearsonr", "spearmanr", "score"} and result["init"] == "random"
+    assert set(test) == {"pearsonr", "spearmanr", "score", "loss"} and result["init"] == "random"
     assert result["baseline"]["scores"]["test"]["pearsonr"] > 0.3  # bag-of-words overlap predicts similarity
     assert "mean of pearsonr/spearmanr" in (tmp_path / "results.md").read_text()
     assert (card.read_text() if card.exists() else None) == before
@@ -167,12 +169,48 @@ def test_regression_end_to_end_from_scratch_leaves_card_alone(model_dir, tmp_pat
 
 def test_early_stopping_stops_and_restores_the_best_epoch(model_dir):
     # With lr 0 the validation score never changes, so it never improves after the first epoch.
-    config = FinetuneConfig(epochs=8, lr=0.0, warmup=0.0, batch_size=32, patience=2)
+    config = FinetuneConfig(epochs=8, lrs=(0.0,), warmup=0.0, batch_size=32, patience=2)
     run = finetune(
         model_dir, str(DATA / "rt_sentiment"), seeds=1, config=config, baseline=False, from_scratch=True
     )["seeds"][0]
     assert (run["epochs_run"], run["best_epoch"]) == (3, 1)
     assert len({epoch["validation"]["score"] for epoch in run["history"]}) == 1
+
+
+def keyword_task(directory: Path) -> str:
+    """Sentences of random Austen words, label 1 iff "excellent" is among them, balanced: a task any
+    working classifier learns from a few hundred examples."""
+    text = (DATA.parent / "austen_8k.txt").read_text(encoding="utf-8").lower()
+    words = sorted({word for word in re.findall(r"[a-z]+", text) if "excellen" not in word})
+    rng = random.Random(1)
+    directory.mkdir()
+    for split, rows in (("train", 300), ("validation", 100), ("test", 100)):
+        lines = []
+        for i in range(rows):
+            sentence = rng.choices(words, k=rng.randint(4, 9))
+            if i % 2:
+                sentence.insert(rng.randint(0, len(sentence)), "excellent")
+            lines.append(json.dumps({"text": " ".join(sentence), "label": i % 2}) + "\n")
+        rng.shuffle(lines)
+        (directory / f"{split}.jsonl").write_text("".join(lines))
+    return str(directory)
+
+
+def test_fine_tuning_learns_a_keyword_task_at_the_learning_rate_validation_picks(tiny_checkpoint, tmp_path):
+    # A tiny model's validation score sits at the majority class for its first epochs while the loss
+    # falls: stopping on the score alone ended one of these three runs there, at 0.5.
+    model_dir = shutil.copytree(tiny_checkpoint, tmp_path / "model")  # its card gets the results
+    config = FinetuneConfig(epochs=8, lrs=(1e-5, 1e-3), batch_size=16, max_length=32)
+    result = finetune(model_dir, keyword_task(tmp_path / "task"), tmp_path / "out", seeds=3, config=config)
+    assert [entry["lr"] for entry in result["grid"]] == [1e-5, 1e-3] and result["lr"] == 1e-3
+    assert result["grid"][0]["validation_median"] < 0.6 and result["grid"][1]["validation_median"] > 0.9
+    scores = [run["scores"]["test"]["accuracy"] for run in result["seeds"]]
+    assert min(scores) >= 0.9, scores  # the majority class scores 0.5
+    assert all(run["lr"] == 1e-3 for run in result["seeds"])
+    assert (
+        "lr 0.001, chosen by median validation score from 1e-05 (0.5"
+        in (tmp_path / "out" / "results.md").read_text()
+    )
 
 
 def test_cli_runs_a_task_and_reports_bad_input(model_dir, tmp_path, capsys, monkeypatch):
@@ -189,14 +227,19 @@ def test_cli_runs_a_task_and_reports_bad_input(model_dir, tmp_path, capsys, monk
         "1",
         "--epochs",
         "1",
+        "--lr",
+        "1e-4",
+        "1e-3",
         "--max-length",
         "32",
         "--no-baseline",
         "--from-scratch",
     ]
     assert cli.main(argv) == 0
-    assert "| trec | test | accuracy |" in capsys.readouterr().out
-    assert json.loads((tmp_path / "results.json").read_text())["config"]["max_length"] == 32
+    out = capsys.readouterr().out
+    assert "| trec | test | accuracy |" in out and "chosen by median validation score from 0.0001" in out
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["config"]["max_length"] == 32 and [entry["lr"] for entry in saved["grid"]] == [1e-4, 1e-3]
 
     assert (
         cli.main(

@@ -13,9 +13,11 @@ def add_parser(subparsers) -> None:
         help="fine-tune a checkpoint on a GLUE or local task (median of seeds, TF-IDF baseline beside it)",
         description="Fine-tune an encoder checkpoint (ours or any Hugging Face encoder directory) on a "
         "classification or regression task, several seeds with early stopping, and report the median "
-        "score beside a TF-IDF + logistic-regression baseline. TASK is a GLUE name (cola, sst2, mrpc, "
-        "stsb, qqp, mnli, qnli, rte, wnli; needs the Hub), a directory holding train/validation/test "
-        "files (.jsonl, .csv or .tsv; validation optional), or just a name when --train is given.",
+        "score beside a TF-IDF + logistic-regression baseline. Given several --lr values, each runs "
+        "with every seed and the one with the best median validation score is kept. TASK is a GLUE name "
+        "(cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli; needs the Hub), a directory holding "
+        "train/validation/test files (.jsonl, .csv or .tsv; validation optional), or just a name when "
+        "--train is given.",
     )
     p.add_argument(
         "--model", required=True, metavar="DIR", help="checkpoint directory (config, weights, tokenizer)"
@@ -42,7 +44,12 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument(
-        "--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4, for small models)"
+        "--lr",
+        type=float,
+        nargs="+",
+        default=[1e-4],
+        metavar="LR",
+        help="peak learning rate, or several to choose from on validation (default 1e-4, for small models)",
     )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of the run (default 0.1)")
@@ -63,7 +70,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mlm_pretrain.finetune import FinetuneConfig, finetune, load_task
-    from mlm_pretrain.finetune.results import results_table
+    from mlm_pretrain.finetune.results import lr_choice, results_table
 
     for name in ("seeds", "epochs", "batch_size", "max_length"):
         if getattr(args, name) < 1:
@@ -80,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     )
     config = FinetuneConfig(
         epochs=args.epochs,
-        lr=args.lr,
+        lrs=args.lr,
         batch_size=args.batch_size,
         warmup=args.warmup,
         patience=args.patience,
@@ -97,5 +104,5 @@ def run(args: argparse.Namespace) -> int:
         from_scratch=args.from_scratch,
         baseline=not args.no_baseline,
     )
-    print(results_table(result))
+    print(f"{lr_choice(result)}\n{results_table(result)}")
     return 0

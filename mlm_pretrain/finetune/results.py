@@ -35,6 +35,15 @@ def _baseline_cell(result: dict, split: str) -> str:
     return "—" if baseline is None else f"{baseline['scores'][split]['score']:.4f}"
 
 
+def lr_choice(result: dict) -> str:
+    """The learning rate kept, and the grid's median validation scores it was chosen from."""
+    grid = result["grid"]
+    if len(grid) == 1:
+        return f"lr {result['lr']:g}"
+    tried = ", ".join(f"{entry['lr']:g} ({entry['validation_median']:.4f})" for entry in grid)
+    return f"lr {result['lr']:g}, chosen by median validation score from {tried}"
+
+
 def write_results(result: dict, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -45,7 +54,7 @@ def write_results(result: dict, out_dir: str | Path) -> None:
         "",
         f"Model: `{result['model_dir']}` ({result['init']} weights); train {result['train_rows']} rows, "
         f"validation {result['validation_rows']} rows.",
-        f"Protocol: {len(result['seeds'])} seeds, median reported; lr {config['lr']:g}, "
+        f"Protocol: {len(result['seeds'])} seeds, median reported; {lr_choice(result)}, "
         f"batch {config['batch_size']}, "
         f"up to {config['epochs']} epochs, early stopping patience {config['patience']}, "
         f"max length {config['max_length']}, precision {config['mixed_precision']}.",
@@ -80,7 +89,8 @@ def update_model_card(model_dir: str | Path, result: dict) -> None:
         rows.append("| " + " | ".join(cells) + " |")
     new_section = (
         f"{CARD_SECTION}\n\nMedian over seeds of fine-tuning with `mlm-pretrain finetune` "
-        f"(one hyper-parameter set for all tasks), beside a TF-IDF bag-of-words baseline.\n\n"
+        f"(one hyper-parameter set for all tasks but the learning rate, chosen per task on validation), "
+        f"beside a TF-IDF bag-of-words baseline.\n\n"
         f"{CARD_HEADER}\n" + "\n".join(rows) + "\n"
     )
     text = before.rstrip("\n") + "\n\n" + new_section + (f"\n## {after}" if heading else "")

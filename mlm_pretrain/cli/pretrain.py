@@ -15,8 +15,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "key=value overrides (dotted, e.g. optim.lr=5e-4, or a unique key name, e.g. mask_rate=0.3) change "
         "it. The run directory (--out) gets checkpoints/, metrics.jsonl, TensorBoard logs, loss_curve.png "
         "and, at the end, final/: a Hugging Face model directory with a model card. Ctrl-C saves a "
-        "checkpoint and stops; --resume continues from the newest one. Works under "
-        "`accelerate launch [--num_processes N --cpu] -m mlm_pretrain pretrain ...`.",
+        "checkpoint and stops; SIGTERM or SIGUSR1 does too and exits with 75 (requeue); --resume "
+        "continues from the newest checkpoint. Works under torchrun, `accelerate launch` and SLURM "
+        "(README: Scaling out).",
     )
     p.add_argument("--recipe", help="YAML recipe (see recipes/); default: the tiny recipe in the package")
     add_corpus_args(p)
@@ -24,7 +25,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", help="tokenizer directory (from `mlm-pretrain tokenizer`)")
     p.add_argument("--out", help="run directory")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest verified checkpoint in --out, or start fresh if it holds none "
+        "(safe to repeat: a requeued job reruns the same command); refused if --out holds another recipe",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     p.set_defaults(run=run)
 

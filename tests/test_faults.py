@@ -382,3 +382,26 @@ def test_a_repeated_preemption_signal_keeps_the_checkpointing_stop_and_a_second_
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
+
+
+# --- a damaged checkpoint ---
+
+
+@pytest.mark.slow
+def test_a_truncated_checkpoint_is_skipped_and_the_run_resumes_from_the_one_before(tmp_path):
+    import shutil
+
+    plan = [*TINY_RUN, "--max-steps", "12", "save_every=4", "keep_last=3"]
+    assert run_cli(*plan, "--out", str(tmp_path / "straight")).returncode == 0
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "straight", damaged)
+    shutil.rmtree(damaged / "final")
+    shutil.rmtree(damaged / "checkpoints" / "step-000012")  # as if stopped after step 8
+    weights = damaged / "checkpoints" / "step-000008" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+
+    resumed = run_cli(*plan, "--out", str(damaged), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert str(weights) in resumed.stderr  # the warning names the damaged file
+    assert f"resumed from {damaged / 'checkpoints' / 'step-000004'}" in resumed.stderr
+    assert_same_weights(final_weights(tmp_path / "straight"), final_weights(damaged))

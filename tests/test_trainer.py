@@ -174,3 +174,16 @@ def test_pretraining_pushes_every_n_checkpoints_without_leaking_the_token(tmp_pa
         tmp_path / "other", "--max-steps", "2", "impl.push_to_hub=someone/x", env=no_token, check=False
     )
     assert refused.returncode == 2 and "needs a Hub token" in refused.stderr
+
+
+@pytest.mark.slow
+def test_the_bf16_compiled_path_trains_close_to_fp32(tmp_path):
+    """The benchmarks' and the cram recipe's path: bf16 autocast with the encoder layers and the MLM
+    head compiled. Same init, same batches: the first losses agree to bf16's precision, and all are finite."""
+    plan = ["--max-steps", "4", "eval_every=100", "save_every=100"]
+    pretrain(tmp_path / "fp32", *plan)
+    pretrain(tmp_path / "bf16", *plan, "impl.mixed_precision=bf16", "impl.compile=true")
+    fp32, bf16 = records(tmp_path / "fp32", "loss"), records(tmp_path / "bf16", "loss")
+    assert len(bf16) == 4 and all(loss == loss and abs(loss) < 100 for _, loss in bf16)
+    for (_, a), (_, b) in zip(fp32, bf16, strict=True):
+        assert b == pytest.approx(a, rel=2e-2)

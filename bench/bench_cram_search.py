@@ -80,12 +80,12 @@ def summary(out: Path) -> list[dict]:
         records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
         evals = [r for r in records if "eval_loss" in r]
         speeds = sorted(r["tokens_per_s"] for r in records if r.get("tokens_per_s"))
-        tokens = {r["step"]: r["tokens"] for r in records if "tokens" in r}
+        per_step = next((r["tokens"] / r["step"] for r in records if "tokens" in r), 0)
         rows.append(
             {
                 "setting": name,
                 "done": (out / name / "final" / "config.json").exists(),
-                "evals": [(tokens.get(r["step"]), r["eval_loss"], r["eval_accuracy"]) for r in evals],
+                "evals": [(r["step"] * per_step, r["eval_loss"], r["eval_accuracy"]) for r in evals],
                 "median_tokens_per_s": speeds[len(speeds) // 2] if speeds else None,
             }
         )

@@ -16,7 +16,9 @@ one exactly.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -46,13 +48,19 @@ class Step:
     micro_batches: list[MicroBatch]
     masked: torch.Tensor
 
+    def to(self, device: torch.device) -> Step:
+        micro_batches = [MicroBatch(**to_device(vars(m), device)) for m in self.micro_batches]
+        return Step(micro_batches, to_device({"masked": self.masked}, device)["masked"])
+
 
 def to_device(batch: dict[str, torch.Tensor | None], device: torch.device) -> dict[str, torch.Tensor | None]:
-    """Copy a batch to `device`: from pinned memory and without blocking on CUDA, so the copy overlaps
-    the step still running."""
-    if device.type == "cuda":
-        return {k: v if v is None else v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-    return {k: v if v is None else v.to(device) for k, v in batch.items()}
+    """Copy a batch to `device`: without blocking on CUDA (from pinned memory, which `MLMBatches`
+    prepares), so the copy overlaps the step still running."""
+    return {k: v if v is None else v.to(device, non_blocking=device.type == "cuda") for k, v in batch.items()}
+
+
+def pinned(batch: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+    return {k: v if v is None else v.pin_memory() for k, v in batch.items()}
 
 
 def masked_micro_batch(
@@ -94,6 +102,12 @@ class MLMBatches:
         return self
 
     def __next__(self) -> Step:
+        return self.make_step().to(self.device)
+
+    def make_step(self) -> Step:
+        """The next step in host memory (pinned when the device is a GPU): the part a background
+        producer can do."""
+        prepare = pinned if self.device.type == "cuda" else dict
         blocks = [next(self._blocks) for _ in range(self.micro * self.accumulation)]
         batch = collate(blocks, self.info)
         generator = torch.Generator().manual_seed(self.seed * STEP_SEED + self.step)
@@ -106,10 +120,9 @@ class MLMBatches:
             parts = masked_micro_batch(
                 batch["input_ids"][part], batch["attention_mask"][part], corrupted[part], predict[part]
             )
-            micro_batches.append(MicroBatch(**to_device(parts, self.device)))
+            micro_batches.append(MicroBatch(**prepare(parts)))
         self.step += 1
-        masked = to_device({"masked": predict.sum().float()}, self.device)["masked"]
-        return Step(micro_batches, masked)
+        return Step(micro_batches, prepare({"masked": predict.sum().float()})["masked"])
 
     def state_dict(self) -> dict:
         return {"stream": self.stream.state_dict(), "step": self.step}
@@ -148,3 +161,79 @@ def evaluation_batches(
         )
         parts = masked_micro_batch(batch["input_ids"], batch["attention_mask"], corrupted, predict)
         yield MicroBatch(**to_device(parts, torch.device(device)))
+
+
+class Prefetched:
+    """`MLMBatches` made ahead by a background thread into a bounded queue, so that tokenizing, packing
+    and masking overlap the training step (the tokenizer and torch's kernels release the GIL).
+
+    Its `state_dict()` is the position after the last step the loop *consumed*, not the last one the
+    thread produced: each step travels with the state its source had right after making it, so a
+    checkpoint resumes exactly where the model stopped. An error in the thread is raised in the loop,
+    with the thread's traceback (file and line) attached; `close()` stops the thread without waiting on
+    a full queue."""
+
+    def __init__(self, source: MLMBatches, depth: int):
+        import queue
+        import threading
+
+        self.source = source
+        self._state = copy.deepcopy(source.state_dict())
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="batch-producer", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                item = (self.source.make_step(), copy.deepcopy(self.source.state_dict()))
+            except BaseException as err:  # handed to the loop, which raises it
+                item = err
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, BaseException):
+                return
+
+    def __iter__(self) -> Iterator[Step]:
+        return self
+
+    def __next__(self) -> Step:
+        import queue
+
+        while True:  # poll, so that Ctrl-C reaches the loop while it waits
+            try:
+                item = self._queue.get(timeout=0.1)
+                break
+            except queue.Empty:
+                continue
+        if isinstance(item, BaseException):
+            raise item
+        step, self._state = item
+        return step.to(self.source.device)
+
+    def state_dict(self) -> dict:
+        return self._state
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+@contextmanager
+def prefetched(source: MLMBatches, depth: int) -> Iterator[MLMBatches | Prefetched]:
+    """`source` made `depth` steps ahead in the background (inline for 0), stopped on leaving."""
+    if depth <= 0:
+        yield source
+        return
+    producer = Prefetched(source, depth)
+    try:
+        yield producer
+    finally:
+        producer.close()

@@ -256,24 +256,24 @@ def export_model(
     """A Hugging Face directory: config.json, model.safetensors, tokenizer files, README.md, recipe.yaml.
     Written whole under a temporary name (`atomic_directory`), it replaces an older one only when complete.
 
-    A BERT masked-LM model has no pooler, but BertForSequenceClassification uses one: we add a freshly
-    initialised pooler (as bert-base checkpoints carry one), so loading for classification reports only
-    the classifier as new. `state` (default: the model's own) is the weights to write: with FSDP, the
-    model's parameters are shards and the caller passes the gathered whole.
+    It loads under transformers 4.x as under 5 (`portable_config`, `save_tokenizer`), and the tokenizer's
+    `model_max_length` is the positions the model has, so `truncation=True` (pipelines, `Trainer`) cuts
+    long inputs to what the model takes. No BERT pooler is written: the masked-LM model has none to
+    train, so it would be random weights that loading for masked LM reports as unused; loading for
+    classification reports the pooler and the classifier as new, the head fine-tuning trains.
+    `state` (default: the model's own) is the weights to write: with FSDP, the model's parameters are
+    shards and the caller passes the gathered whole.
     """
+    from mlm_pretrain.models import make_config_portable, usable_positions
+    from mlm_pretrain.tokenizer import save_tokenizer
+
     out_dir = Path(out_dir)
-    state = dict(model.state_dict() if state is None else state)
-    if model.config.model_type == "bert":
-        generator = torch.Generator().manual_seed(0)
-        hidden = model.config.hidden_size
-        state["bert.pooler.dense.weight"] = (
-            torch.randn(hidden, hidden, generator=generator) * model.config.initializer_range
-        )
-        state["bert.pooler.dense.bias"] = torch.zeros(hidden)
+    state = model.state_dict() if state is None else state
     weights = sum(t.numel() * t.element_size() for t in state.values())
     with atomic_directory(out_dir, size_estimate=weights) as partial:
         model.save_pretrained(partial, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(partial)
+        make_config_portable(partial)
+        save_tokenizer(tokenizer, partial, model_max_length=usable_positions(model.config))
         (partial / "README.md").write_text(card)
         (partial / "recipe.yaml").write_text(recipe_yaml)
     return out_dir

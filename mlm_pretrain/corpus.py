@@ -10,12 +10,20 @@ for Parquet), and the reader position is a byte offset (a row index for Parquet)
 gzip, which cannot seek: restoring a `.gz` position decompresses up to it (measured here, on a busy
 2-core machine, about 1 s per 30 MB of text), but neither parses nor tokenizes it.
 
+A Hub dataset, `hf:NAME[:CONFIG][@SPLIT]`, is streamed by `datasets`: NAME is a dataset id or a local
+directory laid out like a Hub dataset repository (Parquet or JSONL shards under `data/`, named by split,
+as `load_dataset(path)` reads it), so a mirror works offline. Its shards are read one after another in
+a seeded order that changes every epoch, and its position is the dataset's own `state_dict()`, so it
+resumes exactly too. (Not `IterableDataset.shuffle`: its buffer is no part of the state, and a resumed
+stream would skip what the buffer held. The block shuffle buffer downstream mixes documents.)
+
 What bad input does (the README lists the same):
 
 stops the run with an `InputError` naming the file (and line)
     a missing path or a glob that matches nothing, an unsupported file type, a truncated or corrupt
     `.gz`, a Parquet/CSV file without the text field, a JSONL file whose first records all lack it,
-    a source with no text at all.
+    a source with no text at all; a Hub dataset that cannot be streamed (not found, offline and not
+    cached, no such config or split) or has no text field.
 skipped, counted in `stats` and logged (the first few with file and line)
     an empty file, a malformed JSONL line, a JSONL record without the text field (or with a non-string
     one), a JSONL line longer than `max_line_bytes`.
@@ -67,20 +75,44 @@ ALIASES = {
 
 @dataclass
 class Source:
-    """One corpus source: local paths (files, directories, globs) or a Hub dataset `hf:NAME[:CONFIG]`."""
+    """One corpus source: local paths (files, directories, globs) or a Hub dataset
+    `hf:NAME[:CONFIG][@SPLIT]`, NAME a dataset id or a local directory in a Hub dataset's layout."""
 
     path: str
     weight: float = 1.0
     text_field: str = "text"
-    split: str = "train"  # Hub datasets only
+    split: str | None = None  # Hub datasets only: the path's @SPLIT, else train
     interleave_files: bool = True  # False: one file after another, in the epoch's order
 
     def __post_init__(self) -> None:
         self.path = ALIASES.get(self.path, self.path)
+        if not self.is_hub:
+            if self.split is not None:
+                raise InputError(f"corpus source {self.path}: `split` is for Hub datasets (hf:NAME) only")
+            return
+        named = _hub_parts(self.path)[2]
+        if named is not None and self.split is not None and named != self.split:
+            raise InputError(f"corpus source {self.path}: split {self.split!r}, but the path names {named!r}")
+        self.split = self.split or named or "train"
 
     @property
     def is_hub(self) -> bool:
         return self.path.startswith(HUB_PREFIX)
+
+    @property
+    def hub_dataset(self) -> tuple[str, str | None]:
+        """(NAME, CONFIG or None) of `hf:NAME[:CONFIG][@SPLIT]`; NAME with `~` expanded."""
+        name, config, _ = _hub_parts(self.path)
+        return os.path.expanduser(name), config
+
+
+def _hub_parts(path: str) -> tuple[str, str | None, str | None]:
+    """(NAME, CONFIG, SPLIT) of `hf:NAME[:CONFIG][@SPLIT]`, None for a part not given."""
+    spec, at, split = path[len(HUB_PREFIX) :].rpartition("@")
+    if not at:
+        spec, split = split, None
+    name, _, config = spec.partition(":")
+    return name, config or None, split or None
 
 
 def as_sources(
@@ -362,8 +394,9 @@ class _SourceReader:
         self.pos = _Position()
         self._hub_dataset = None  # the streaming `datasets.IterableDataset` being read
 
-    def file_order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.files)))
+    def file_order(self, epoch: int, count: int | None = None) -> list[int]:
+        """The order of this source's files (or of `count` Hub dataset shards) in `epoch`."""
+        order = list(range(len(self.files) if count is None else count))
         if self.shuffle:
             np.random.default_rng([self.seed, epoch]).shuffle(order)
         return order
@@ -424,24 +457,37 @@ class _SourceReader:
     def _hub_documents(self) -> Iterator[str]:
         import datasets
 
-        name, _, config = self.source.path[len(HUB_PREFIX) :].partition(":")
+        name, config = self.source.hub_dataset
+        if name.startswith((".", "/")) and not os.path.isdir(name):
+            raise InputError(f"corpus source {self.source.path}: no such directory: {name}")
         while not self.pos.done:
-            ds = datasets.load_dataset(name, config or None, split=self.source.split, streaming=True)
-            ds = ds.shuffle(seed=self.seed + self.pos.epoch, buffer_size=1000) if self.shuffle else ds
+            try:
+                ds = datasets.load_dataset(name, config, split=self.source.split, streaming=True)
+            except (OSError, ValueError) as err:  # not found, offline and not cached, no such config or split
+                raise InputError(f"corpus source {self.source.path}: cannot stream it: {err}") from err
+            if self.shuffle and ds.num_shards > 1:
+                order = self.file_order(self.pos.epoch, ds.num_shards)
+                ds = datasets.concatenate_datasets([ds.shard(ds.num_shards, i) for i in order])
             if self.pos.hub_state is not None:
                 ds.load_state_dict(self.pos.hub_state)
+            first_pass = self.pos.epoch == 0 and self.pos.hub_state is None
             self._hub_dataset = ds
+            epoch_docs = 0
             for record in ds:
-                text = record.get(self.source.text_field)
-                if not isinstance(text, str):
+                if self.source.text_field not in record:
                     raise InputError(
-                        f"Hub dataset {name}: no string field {self.source.text_field!r}; "
+                        f"corpus source {self.source.path}: no field {self.source.text_field!r}; "
                         f"fields: {sorted(record)}"
                     )
-                if text.strip():
+                text = record[self.source.text_field]
+                if isinstance(text, str) and text.strip():
+                    epoch_docs += 1
                     yield text
+            if epoch_docs == 0 and first_pass:  # else an endless stream would reload it forever
+                raise InputError(f"corpus source {self.source.path}: no text in split {self.source.split!r}")
             self._hub_dataset = None
             self.pos = _Position(self.pos.epoch + 1)
+            self.stats["epochs_completed"] += 1
             self.pos.done = self.epochs is not None and self.pos.epoch >= self.epochs
 
 

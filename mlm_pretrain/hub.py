@@ -166,7 +166,7 @@ def check_loadable(folder: Path) -> str:
 
     No remote code, weights from safetensors only, every weight of the model present with its shape.
     Extra weights are allowed, as the Hub's own BERT checkpoints carry a pooler their masked-LM class
-    does not use (ours do too, for sequence classification). Returns the architecture.
+    does not use. Returns the architecture.
     """
     import transformers
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,18 +36,35 @@ class Launch:
     master_port: int | None
 
 
-def start_accelerator(run_dir: Path, *, mixed_precision: str = "no", cpu: bool | None = None, **kwargs):
+def start_accelerator(
+    run_dir: Path,
+    *,
+    mixed_precision: str = "no",
+    cpu: bool | None = None,
+    log_with: Sequence[str] = (),
+    **kwargs,
+):
     """The `Accelerator` of this process, in the one process group every launcher's environment
     describes. `cpu=None` trains on the accelerator if there is one; word2vec, whose tables live in
-    host memory, passes `cpu=True` so that its collectives run over gloo on GPU machines too."""
+    host memory, passes `cpu=True` so that its collectives run over gloo on GPU machines too.
+    `log_with` names the trackers (`impl.log_with`); a missing tracker package is an InputError here,
+    before the run starts."""
     from accelerate import Accelerator
+
+    from mlm_pretrain.run_log import trackers
 
     if cpu is None:
         cpu = not torch.accelerator.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in (
             "1",
             "true",
         )
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, project_dir=run_dir, **kwargs)
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision=mixed_precision,
+        project_dir=run_dir,
+        log_with=trackers(log_with, run_dir),
+        **kwargs,
+    )
 
 
 def accelerate_cpu_launch() -> Launch | None:

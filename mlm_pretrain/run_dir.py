@@ -89,7 +89,8 @@ def checkpoint_to_resume(recipe, run_dir: Path) -> Path | None:
         if recipe.impl.resume:
             log.info("no usable checkpoint in %s: starting from scratch", run_dir)
         return None
-    written = json.loads((latest / "trainer_state.json").read_text()).get("sharded", False)
+    trainer_state = latest / "trainer_state.json"  # an MLM checkpoint's; word2vec's are never sharded
+    written = trainer_state.exists() and json.loads(trainer_state.read_text()).get("sharded", False)
     if written != (recipe.impl.parallel == "fsdp"):
         was = "fsdp" if written else "ddp"
         raise InputError(

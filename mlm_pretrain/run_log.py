@@ -1,4 +1,11 @@
-"""What a run records: a JSONL metrics file, TensorBoard through accelerate's trackers, a loss curve."""
+"""What a run records: a JSONL metrics file, accelerate's trackers (TensorBoard by default), a loss curve.
+
+`impl.log_with` names the trackers, as accelerate spells them: `tensorboard` writes event files under
+`<run>/tensorboard/`; `mlflow`, `wandb` and `trackio` log to the project (MLflow: experiment)
+`mlm-pretrain`, in a run named after the run directory; accelerate's others get the project name. Each
+gets the recipe, the vocabulary size and the corpus as the run's config, every metric as it is logged
+and, where it keeps files (MLflow, W&B), the loss curve at the end. A resumed run is a new tracker run.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +14,54 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from mlm_pretrain.checkpoint import disk_full_error, is_disk_full
+from mlm_pretrain.errors import InputError
 
 log = logging.getLogger(__name__)
 
 DISK_FULL_ADVICE = "free some space and continue with --resume"
+PROJECT = "mlm-pretrain"  # the MLflow experiment (unless MLFLOW_EXPERIMENT_NAME says), W&B/Trackio project
+# trackers whose package an extra of ours installs; accelerate's others name their own package
+EXTRAS = ("mlflow", "wandb", "trackio")
+
+
+def check_tracker_names(names: Sequence[str]) -> None:
+    """A ValueError for a name accelerate has no tracker of (the recipe checks its `impl.log_with`)."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ValueError(
+                f"impl.log_with: unknown tracker {name!r}; valid: {', '.join(LOGGER_TYPE_TO_CLASS)}"
+            )
+
+
+def trackers(names: Sequence[str], run_dir: Path) -> list:
+    """accelerate's `log_with` for these tracker names. A tracker whose package is missing is an
+    InputError naming what to install, raised before any training (accelerate would drop it silently)."""
+    from accelerate.tracking import TensorBoardTracker, get_available_trackers
+
+    names = list(dict.fromkeys(names))
+    check_tracker_names(names)
+    available = {str(kind) for kind in get_available_trackers()}
+    for name in names:
+        if name not in available:
+            install = f'"mlm-pretrain[{name}]"' if name in EXTRAS else name
+            raise InputError(f"impl.log_with: the {name} tracker needs its package: pip install {install}")
+    # our own TensorBoard tracker, so its files stay in <run>/tensorboard whatever the project is called
+    return [TensorBoardTracker("tensorboard", run_dir) if name == "tensorboard" else name for name in names]
+
+
+def run_config(recipe: dict, vocab_size: int) -> dict:
+    """The run's config for the trackers: the recipe, flattened to dotted keys, with the vocabulary size
+    (the tokenizer's; word2vec's words) and one line describing the corpus."""
+    config = _flat(recipe)
+    config["vocab_size"] = vocab_size
+    config["data.sources"] = "; ".join(_describe_source(s) for s in recipe.get("data", {}).get("corpus", []))
+    return config
 
 
 class RunLog:
@@ -25,6 +72,7 @@ class RunLog:
     """
 
     def __init__(self, run_dir: Path, accelerator, config: dict, resumed_step: int = 0):
+        """`config` (`run_config`'s) goes to the trackers as the run's config."""
         self.path = Path(run_dir) / "metrics.jsonl"
         self.accelerator = accelerator
         self.enabled = accelerator.is_main_process
@@ -32,7 +80,24 @@ class RunLog:
             # a resumed run rewrites what came after its checkpoint, so the file has each step once
             kept = [line for line, record in _records(self.path) if record.get("step", 0) <= resumed_step]
             self._replace("".join(line + "\n" for line in kept))
-        accelerator.init_trackers("tensorboard", config=_flat(config))
+        name = Path(run_dir).resolve().name
+        # W&B keeps its files in the run directory too, unless WANDB_DIR says where
+        wandb_dir = {} if "WANDB_DIR" in os.environ else {"dir": str(run_dir)}
+        try:
+            accelerator.init_trackers(
+                PROJECT,
+                config=_flat(config),
+                init_kwargs={
+                    "mlflow": {"run_name": name},
+                    "wandb": {"name": name, **wandb_dir},
+                    "trackio": {"name": name},
+                },
+            )
+        except Exception as err:  # each tracker has its own errors (a store refused, no login): say which
+            names = ", ".join(str(t) if isinstance(t, str) else t.name for t in accelerator.log_with)
+            raise InputError(
+                f"impl.log_with: the trackers ({names}) failed to start: {type(err).__name__}: {err}"
+            ) from err
 
     def log(self, step: int, **metrics: float) -> None:
         if not self.enabled:
@@ -49,8 +114,8 @@ class RunLog:
             if is_disk_full(err):
                 raise disk_full_error(self.path, DISK_FULL_ADVICE) from err
             raise
-        # TensorBoard gets NaN and inf as they are: its event files hold them, and its plot shows where
-        # the run diverged
+        # the trackers get NaN and inf as they are: TensorBoard's event files hold them, and its plot
+        # shows where the run diverged
         self.accelerator.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
 
     def _replace(self, text: str) -> None:
@@ -66,9 +131,21 @@ class RunLog:
             raise
 
     def close(self) -> None:
-        self.accelerator.end_training()
         if self.enabled:
-            plot_loss_curve(self.path, self.path.parent / "loss_curve.png")
+            curve = plot_loss_curve(self.path, self.path.parent / "loss_curve.png")
+            if curve is not None:
+                self._log_file(curve)
+        self.accelerator.end_training()
+
+    def _log_file(self, path: Path) -> None:
+        """`path` as an artefact of the trackers that keep files (TensorBoard has the curve already)."""
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "mlflow":
+                tracker.log_artifact(str(path))
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.tracker.log({path.stem: wandb.Image(str(path))})
 
 
 def plot_loss_curve(metrics_file: Path, out: Path) -> Path | None:
@@ -98,8 +175,15 @@ def plot_loss_curve(metrics_file: Path, out: Path) -> Path | None:
     return out
 
 
+def _describe_source(source: str | dict) -> str:
+    if isinstance(source, str):
+        return source
+    extras = ", ".join(f"{k} {v}" for k, v in source.items() if k != "path")
+    return f"{source.get('path')}{f' ({extras})' if extras else ''}"
+
+
 def _flat(config: dict, prefix: str = "") -> dict:
-    """TensorBoard's hparams take scalars and strings only."""
+    """Trackers' configs take scalars and strings only (TensorBoard's hparams, MLflow's params)."""
     out = {}
     for key, value in config.items():
         if isinstance(value, dict):

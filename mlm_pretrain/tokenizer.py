@@ -24,6 +24,10 @@ BERT_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]",
 ROBERTA_SPECIALS = {"cls": "<s>", "pad": "<pad>", "sep": "</s>", "unk": "<unk>", "mask": "<mask>"}
 HOLDOUT_EVERY = 100  # every 100th document is held out of training to measure the report's figures
 HOLDOUT_MAX = 2000
+TOKENIZER_CONFIG = "tokenizer_config.json"
+# tokenizer_config.json as transformers 5 writes it -> what 4.x and 5 both load (see `save_tokenizer`)
+V4_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+LOAD_ARGUMENTS = ("is_local", "local_files_only")
 
 
 @dataclass
@@ -193,7 +197,7 @@ def train_tokenizer(
     wrapped = wrap_for_transformers(tok, kind, model_max_length)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    wrapped.save_pretrained(out_dir)
+    save_tokenizer(wrapped, out_dir)
     loaded = load_tokenizer(out_dir)
     texts = list(validation) if validation is not None else held_out
     unk_rate, fertility, words = measure(loaded, texts)
@@ -212,6 +216,28 @@ def train_tokenizer(
     )
     (out_dir / "tokenizer_report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
+
+
+def save_tokenizer(tokenizer, out_dir: str | Path, model_max_length: int | None = None) -> None:
+    """`save_pretrained`, with a tokenizer_config.json that transformers 4.x loads too, and
+    `model_max_length` set when given (the positions of the model it goes with).
+
+    transformers 5 saves a tokenizer with no class of its own (our Unigram) as `TokenizersBackend`,
+    a class 4.x does not have; `PreTrainedTokenizerFast` is the same tokenizer.json reader in 4.x, and
+    the name 5 reads as `TokenizersBackend`. A tokenizer 5 loaded from disk also saves the arguments
+    of that load (`is_local`, `local_files_only`), which say nothing about the tokenizer.
+    """
+    out_dir = Path(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    file = out_dir / TOKENIZER_CONFIG
+    config = json.loads(file.read_text())
+    for key in LOAD_ARGUMENTS:
+        config.pop(key, None)
+    if (name := config.get("tokenizer_class")) in V4_TOKENIZER_CLASSES:
+        config["tokenizer_class"] = V4_TOKENIZER_CLASSES[name]
+    if model_max_length is not None:
+        config["model_max_length"] = model_max_length
+    file.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 def measure(tokenizer, texts: list[str]) -> tuple[float, float, int]:

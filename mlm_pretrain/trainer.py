@@ -63,6 +63,7 @@ class ImplRecipe:
     compile: bool = False  # torch.compile each encoder layer and the MLM head (worth it with bf16)
     parallel: str = "ddp"  # ddp | fsdp: how the model is spread over processes (see parallel.py)
     activation_checkpointing: bool = False  # recompute each encoder layer in backward: less memory
+    prefetch: int = 2  # steps of batches a background thread makes ahead (0: made inline, in the loop)
     threads: int | None = None  # torch threads per process; default: cores / processes
     resume: bool = False  # continue from the newest checkpoint in `out`
     eval_every: int = 200
@@ -70,6 +71,8 @@ class ImplRecipe:
     save_every: int = 200
     keep_last: int = 2
     log_every: int = 10
+    # experiment trackers, as accelerate names them: tensorboard, mlflow, wandb, trackio, ... ([]: none)
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])
     progress: bool = True
     push_to_hub: str | None = None  # a repo id: push the exported model every `push_every` checkpoints
     push_every: int = 0
@@ -77,6 +80,9 @@ class ImplRecipe:
     def __post_init__(self) -> None:
         if self.parallel not in PARALLELS:
             raise ValueError(f"impl.parallel {self.parallel!r} unknown; valid: {', '.join(PARALLELS)}")
+        from mlm_pretrain.run_log import check_tracker_names
+
+        check_tracker_names(self.log_with)
 
 
 @dataclass
@@ -123,7 +129,7 @@ def pretrain(recipe: PretrainRecipe) -> dict:
     from huggingface_hub import get_token
     from tqdm.auto import tqdm
 
-    from mlm_pretrain.batches import MLMBatches
+    from mlm_pretrain.batches import MLMBatches, prefetched
     from mlm_pretrain.checkpoint import (
         checkpoint_size_estimate,
         load_checkpoint,
@@ -139,12 +145,12 @@ def pretrain(recipe: PretrainRecipe) -> dict:
     from mlm_pretrain.packing import BlockStream, TokenInfo
     from mlm_pretrain.parallel import parallelize
     from mlm_pretrain.run_dir import checkpoint_to_resume, hold_run_dir, write_recipe
-    from mlm_pretrain.run_log import RunLog
+    from mlm_pretrain.run_log import RunLog, run_config
     from mlm_pretrain.tokenizer import load_tokenizer
 
     impl, optim = recipe.impl, recipe.optim
     run_dir = Path(impl.out)
-    accelerator = start_accelerator(run_dir, mixed_precision=impl.mixed_precision, log_with="tensorboard")
+    accelerator = start_accelerator(run_dir, mixed_precision=impl.mixed_precision, log_with=impl.log_with)
     hold_run_dir(run_dir, accelerator)
     world, rank = accelerator.num_processes, accelerator.process_index
     torch.set_num_threads(impl.threads or threads_per_process())
@@ -201,7 +207,7 @@ def pretrain(recipe: PretrainRecipe) -> dict:
         batches.load_state_dict(data_state)
         step, elapsed = trainer_state["step"], trainer_state["elapsed"]
         log.info("resumed from %s (step %d)", checkpoint, step)
-    run_log = RunLog(run_dir, accelerator, asdict(recipe), resumed_step=step)
+    run_log = RunLog(run_dir, accelerator, run_config(asdict(recipe), len(tokenizer)), resumed_step=step)
     tokens_per_step = optim.batch_size * recipe.data.seq_len  # training blocks are never padded
     if accelerator.is_main_process:
         log.info(
@@ -239,12 +245,12 @@ def pretrain(recipe: PretrainRecipe) -> dict:
         disable=not (impl.progress and accelerator.is_main_process),
     )
     window_start, window_steps, skipped_in_a_row = time.perf_counter(), 0, 0
-    with StopRequest() as stop:
+    with StopRequest() as stop, prefetched(batches, impl.prefetch) as steps:
         while progress() < 1.0:
             started = time.perf_counter()
             lr = optim.lr * lr_factor(progress(), optim.schedule, optim.warmup, optim.decay)
             set_lr(optimizer, lr)
-            loss_sum, masked = forward_backward(objective, next(batches), accelerator)
+            loss_sum, masked = forward_backward(objective, next(steps), accelerator)
             applied = apply_update(objective, optimizer, loss_sum, optim.clip, accelerator)
             step += 1
             window_steps += 1
@@ -276,7 +282,7 @@ def pretrain(recipe: PretrainRecipe) -> dict:
                     accelerator,
                     objective,
                     optimizer,
-                    batches.state_dict(),
+                    steps.state_dict(),
                     {"step": step, "elapsed": elapsed, "tokens": step * tokens_per_step},
                     impl.keep_last,
                 )
@@ -433,11 +439,13 @@ def export(
     from mlm_pretrain.checkpoint import export_model
 
     recipe_yaml = yaml.safe_dump(asdict(recipe), sort_keys=False)
-    card = model_card(recipe, metrics, tokens, steps, recipe_yaml)
+    card = model_card(recipe, metrics, tokens, steps, recipe_yaml, tokenizer.mask_token)
     return export_model(model, tokenizer, out_dir, card, recipe_yaml, state=state)
 
 
-def model_card(recipe: PretrainRecipe, metrics: dict, tokens: int, steps: int, recipe_yaml: str) -> str:
+def model_card(
+    recipe: PretrainRecipe, metrics: dict, tokens: int, steps: int, recipe_yaml: str, mask_token: str
+) -> str:
     m = recipe.model
     sources = ", ".join(str(s if isinstance(s, str) else s.get("path")) for s in recipe.data.corpus)
     rows = "\n".join(
@@ -455,6 +463,15 @@ A {m.num_layers}-layer, {m.hidden_size}-wide {m.type} masked-language model trai
 {steps} steps ({tokens:,} tokens) with masked-token modelling ({recipe.mlm.masking} masking at rate
 {recipe.mlm.mask_rate}). Load it with `AutoModelForMaskedLM.from_pretrained(dir)` or fine-tune it with
 `AutoModelForSequenceClassification.from_pretrained(dir)`; no custom code is needed.
+
+```python
+from transformers import pipeline
+
+fill_mask = pipeline("fill-mask", model="path/to/this/directory")  # or its Hub repo id
+fill_mask("It is a truth universally {mask_token}.", tokenizer_kwargs={{"truncation": True}})
+```
+With `truncation=True`, a longer input is cut to the tokenizer's `model_max_length`: the positions the
+model has.
 
 ## Data
 Corpus: {sources} (text field `{recipe.data.text_field}`), streamed, packed into {recipe.data.seq_len}-token

@@ -28,13 +28,13 @@ def pretrain_word2vec(recipe) -> dict:
     from mlm_pretrain.launch import start_accelerator, threads_per_process
     from mlm_pretrain.objectives.word2vec import Word2Vec
     from mlm_pretrain.run_dir import checkpoint_to_resume, hold_run_dir, write_recipe
-    from mlm_pretrain.run_log import RunLog
+    from mlm_pretrain.run_log import RunLog, run_config
     from mlm_pretrain.word_vectors import evaluate
 
     impl = recipe.impl
     run_dir = Path(impl.out)
     # the tables live in host memory and train on the CPU: its collectives need gloo, on GPU machines too
-    accelerator = start_accelerator(run_dir, cpu=True, log_with="tensorboard")
+    accelerator = start_accelerator(run_dir, cpu=True, log_with=impl.log_with)
     hold_run_dir(run_dir, accelerator)
     rank, world = accelerator.process_index, accelerator.num_processes
     config = dataclasses.replace(
@@ -57,7 +57,12 @@ def pretrain_word2vec(recipe) -> dict:
         model = Word2Vec.from_state_dict(state["model"])
         step = state["step"]
         log.info("resumed from %s (step %d)", checkpoint, step)
-    run_log = RunLog(run_dir, accelerator, dataclasses.asdict(recipe), resumed_step=step)
+    run_log = RunLog(
+        run_dir,
+        accelerator,
+        run_config(dataclasses.asdict(recipe), len(model.vocab.words)),
+        resumed_step=step,
+    )
     threads = impl.threads or threads_per_process()
 
     def after_round(model: Word2Vec) -> bool:

@@ -248,3 +248,140 @@ def test_cli_runs_a_task_and_reports_bad_input(model_dir, tmp_path, capsys, monk
         == 2
     )
     assert "missing field 'stars'" in capsys.readouterr().err
+
+
+def test_the_best_seed_is_saved_for_the_text_classification_pipeline_with_plot_and_card(
+    tiny_checkpoint, tmp_path
+):
+    from huggingface_hub import ModelCard
+    from transformers import pipeline
+
+    model_dir = shutil.copytree(tiny_checkpoint, tmp_path / "model")
+    task_dir = Path(keyword_task(tmp_path / "task"))
+    for split in ("train", "validation", "test"):  # class names, for the pipeline to print
+        rows = [json.loads(line) for line in (task_dir / f"{split}.jsonl").read_text().splitlines()]
+        lines = [json.dumps({**row, "label": ["dull", "excellent"][row["label"]]}) + "\n" for row in rows]
+        (task_dir / f"{split}.jsonl").write_text("".join(lines))
+    config = FinetuneConfig(epochs=2, lrs=(1e-3,), batch_size=16, max_length=32)
+    out = tmp_path / "out"
+    result = finetune(model_dir, str(task_dir), out, seeds=2, config=config, random_init=True)
+
+    saved = out / "model"
+    assert result["saved_model"] == {"path": str(saved), "seed": result["saved_model"]["seed"]}
+    # the best validation score, the lower validation loss breaking ties (max keeps the first of equals)
+    run = max(
+        result["seeds"],
+        key=lambda run: (
+            run["validation_score"],
+            -run["history"][run["best_epoch"] - 1]["validation"]["loss"],
+        ),
+    )
+    assert result["saved_model"]["seed"] == run["seed"]
+    assert (saved / "model.safetensors").is_file() and not list(saved.glob("*.bin"))
+
+    test = [json.loads(line) for line in (task_dir / "test.jsonl").read_text().splitlines()]
+    classifier = pipeline("text-classification", model=str(saved))
+    predicted = classifier([row["text"] for row in test], truncation=True)
+    assert {p["label"] for p in predicted} <= {"dull", "excellent"}
+    accuracy = sum(p["label"] == row["label"] for p, row in zip(predicted, test, strict=True)) / len(test)
+    assert accuracy == pytest.approx(run["scores"]["test"]["accuracy"])  # these are the saved seed's weights
+
+    for png in (out / "results.png", saved / "results.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert result["random_init"]["lr"] == 1e-3 and len(result["random_init"]["seeds"]) == 2
+    table = (out / "results.md").read_text()
+    assert "random init (median)" in table and "![scores per seed](results.png)" in table
+    assert f"seed {run['seed']} (the best of these on validation)" in table
+
+    card = ModelCard.load(saved / "README.md")
+    assert card.data.pipeline_tag == "text-classification"
+    (scored,) = card.data.eval_results
+    assert (scored.dataset_name, scored.dataset_split, scored.metric_type) == ("task", "test", "accuracy")
+    assert scored.metric_value == round(run["scores"]["test"]["accuracy"], 4)
+
+
+def test_random_init_beside_from_scratch_is_refused(model_dir):
+    with pytest.raises(InputError, match="from_scratch"):
+        finetune(model_dir, str(DATA / "trec"), seeds=1, config=TINY, from_scratch=True, random_init=True)
+
+
+def write_glue_copy(root: Path, hidden_validation: bool = False) -> Path:
+    """A few rows of sst2, mrpc, stsb and mnli in the layout of the Hub's nyu-mll/glue: one Parquet file
+    per split, `<task>/<split>-00000-of-00001.parquet`, test labels hidden as -1."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    words = ["good", "bad", "fine", "dull", "great", "awful"]
+    tasks = {  # text fields, label of row i, the dev splits
+        "sst2": (("sentence",), lambda i: i % 2, ("validation",)),
+        "mrpc": (("sentence1", "sentence2"), lambda i: int(i % 3 == 0), ("validation",)),
+        "stsb": (("sentence1", "sentence2"), lambda i: i % 6 * 1.0, ("validation",)),
+        "mnli": (("premise", "hypothesis"), lambda i: i % 3, ("validation_matched", "validation_mismatched")),
+    }
+    for task, (fields, label, dev_splits) in tasks.items():
+        hidden = -1.0 if task == "stsb" else -1
+        sizes = {
+            "train": (30, False),
+            "test": (5, True),
+            **{split: (12, hidden_validation) for split in dev_splits},
+        }
+        (root / task).mkdir(parents=True)
+        for number, (split, (n, hide)) in enumerate(sizes.items()):
+            table = {
+                name: [f"{words[(i + k) % 6]} {name} {100 * number + i}" for i in range(n)]
+                for k, name in enumerate(fields)
+            }
+            table |= {"label": [hidden if hide else label(i) for i in range(n)], "idx": list(range(n))}
+            pq.write_table(pa.table(table), root / task / f"{split}-00000-of-00001.parquet")
+    return root
+
+
+def test_glue_tasks_by_name_read_a_local_copy_of_the_hub_layout(tmp_path, monkeypatch):
+    root = write_glue_copy(tmp_path / "glue")
+    monkeypatch.setenv("MLM_PRETRAIN_GLUE_DIR", str(root))
+
+    sst2 = load_task("sst2")
+    assert sst2.source == str(root / "sst2") and not sst2.is_pair
+    assert sst2.label_names == ["negative", "positive"] and sst2.metrics == ("accuracy",)
+    assert (len(sst2.train), len(sst2.validation), list(sst2.scored)) == (27, 3, ["validation"])
+    assert len(sst2.scored["validation"]) == 12  # the dev set is scored; test (labels hidden) is never read
+    assert any("test labels are hidden" in note for note in sst2.notes)
+
+    mrpc = load_task("MRPC")
+    assert mrpc.is_pair and mrpc.metrics == ("f1", "accuracy") and mrpc.num_labels == 2
+    assert mrpc.scored["validation"].pair_texts[0] == "bad sentence2 200"  # the third file written
+    stsb = load_task("stsb")
+    assert stsb.is_regression and stsb.metrics == ("pearsonr", "spearmanr")
+    assert stsb.scored["validation"].labels[:3] == [0.0, 1.0, 2.0]
+    mnli = load_task("mnli", metric="f1")
+    assert list(mnli.scored) == ["validation_matched", "validation_mismatched"] and mnli.metrics == ("f1",)
+    assert mnli.label_names == ["entailment", "neutral", "contradiction"]
+
+
+def test_a_glue_copy_with_hidden_labels_or_a_missing_split_is_refused(tmp_path, monkeypatch):
+    root = write_glue_copy(tmp_path / "glue", hidden_validation=True)
+    monkeypatch.setenv("MLM_PRETRAIN_GLUE_DIR", str(root))
+    with pytest.raises(
+        InputError, match=r"split validation: label -1 on 12 of 12 rows \(GLUE hides its test"
+    ):
+        load_task("sst2")
+    with pytest.raises(InputError, match=r"MLM_PRETRAIN_GLUE_DIR=.*: no cola/train-\*\.parquet"):
+        load_task("cola")
+    (root / "rte").mkdir()
+    monkeypatch.setenv("MLM_PRETRAIN_GLUE_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(InputError, match="MLM_PRETRAIN_GLUE_DIR=.*nowhere: no such directory"):
+        load_task("rte")
+
+
+def test_the_cli_fine_tunes_on_a_glue_copy_and_reports_the_official_metrics(
+    model_dir, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(cli, "SUBCOMMANDS", ["finetune"])
+    monkeypatch.setenv("MLM_PRETRAIN_GLUE_DIR", str(write_glue_copy(tmp_path / "glue")))
+    argv = ["finetune", "--model", str(model_dir), "--task", "mrpc", "--out", str(tmp_path / "out")]
+    assert cli.main([*argv, "--seeds", "1", "--epochs", "1", "--max-length", "16", "--no-baseline"]) == 0
+    assert "| mrpc | validation | mean of f1/accuracy |" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["metrics"] == ["f1", "accuracy"] and saved["source"] == str(tmp_path / "glue" / "mrpc")
+    (scores,) = [run["scores"] for run in saved["seeds"]]
+    assert list(scores) == ["validation"] and {"f1", "accuracy", "score"} <= set(scores["validation"])

@@ -3,6 +3,7 @@ with hf_xet switched off (its upload path needs a xet CAS server the fake does n
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -226,3 +227,53 @@ def test_push_command_end_to_end(model_dir, tmp_path):
         timeout=300,
     )
     assert missing.returncode == 2 and "missing config.json" in missing.stderr
+
+
+def test_finetune_push_sends_the_fine_tuned_model_with_its_scores_as_model_index(
+    tiny_checkpoint, hub_env, tmp_path, monkeypatch, capsys
+):
+    import huggingface_hub.constants
+    import torch
+    from huggingface_hub import ModelCard
+
+    from mlm_pretrain import cli
+
+    monkeypatch.setattr(cli, "SUBCOMMANDS", ["finetune"])  # the other commands are not under test here
+    model = shutil.copytree(tiny_checkpoint, tmp_path / "model")
+    out = tmp_path / "out"
+    argv = ["finetune", "--model", str(model), "--task", str(ROOT / "tests" / "data" / "tasks" / "trec")]
+    argv += ["--seeds", "2", "--epochs", "1", "--max-length", "32", "--no-baseline", "--threads", "1"]
+    assert cli.main([*argv, "--push", "someone/tiny-trec"]) == 2
+    assert "--push needs --out" in capsys.readouterr().err
+
+    threads = torch.get_num_threads()  # --threads sets torch's for the whole process
+    with FakeHub(TOKEN) as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        try:
+            assert cli.main([*argv, "--out", str(out), "--push", "someone/tiny-trec", "--private"]) == 0
+        finally:
+            torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert f"pushed {out / 'model'} to someone/tiny-trec: {hub.url}/someone/tiny-trec/commit/" in printed
+
+    result = json.loads((out / "results.json").read_text())
+    run = next(run for run in result["seeds"] if run["seed"] == result["saved_model"]["seed"])
+    repo = hub.repos["someone/tiny-trec"]
+    uploaded = repo.branches["main"]
+    assert repo.private and {"config.json", "model.safetensors", "tokenizer.json", "results.png"} <= set(
+        uploaded
+    )
+    assert uploaded["model.safetensors"] == (out / "model" / "model.safetensors").read_bytes()
+    config = json.loads(uploaded["config.json"])
+    assert config["architectures"] == ["BertForSequenceClassification"]
+    assert len(config["id2label"]) >= 5 and "0" not in config["label2id"]  # trec's class names, not ids
+
+    card = ModelCard(uploaded["README.md"].decode())
+    assert card.data.model_name == "tiny-trec" and 'model="someone/tiny-trec"' in card.text
+    (scored,) = card.data.eval_results
+    assert (scored.task_type, scored.dataset_split, scored.metric_type) == (
+        "text-classification",
+        "test",
+        "accuracy",
+    )
+    assert scored.metric_value == round(run["scores"]["test"]["accuracy"], 4)

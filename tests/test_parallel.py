@@ -4,7 +4,6 @@ on another process count too, an export Hugging Face loads, and the options a la
 Every run is the same tiny plan over gloo on this CPU; the process groups come from torchrun.
 """
 
-import os
 import shutil
 import signal
 import socket
@@ -13,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -97,12 +97,15 @@ def test_a_killed_fsdp_run_resumes_to_the_straight_weights(runs, tmp_path):
     out = tmp_path / "killed"
     cmd = [*torchrun(), "pretrain", *TINY, "optim.micro_batch_size=4", "--out", str(out), *PLAN]
     cmd += ["parallel=fsdp", "save_every=5"]
-    process = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while latest_checkpoint(out) is None and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both workers, as a lost node
-    process.wait()
+    # the launcher and both workers at once, as a lost node (torchrun's workers have their own session)
+    tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+    for member in tree:
+        member.send_signal(signal.SIGKILL)
+    psutil.wait_procs(tree, timeout=30)
     assert int(latest_checkpoint(out).name[5:]) < 20
     # save_every differs from the straight run's: an impl setting, free to change on resume
     run(out, "parallel=fsdp", "save_every=5", "--resume")

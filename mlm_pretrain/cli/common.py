@@ -15,7 +15,8 @@ def add_corpus_args(p: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="PATH",
         help="text sources: files (.txt .txt.gz .jsonl .jsonl.gz .parquet .csv .tsv), directories, "
-        "globs, Hub datasets as hf:NAME[:CONFIG], or @sample (the small corpus shipped with the "
+        "globs, Hub datasets as hf:NAME[:CONFIG][@SPLIT] (NAME a Hub id or a local directory in Hub "
+        "layout), or @sample (the small corpus shipped with the "
         "package)",
     )
     p.add_argument(

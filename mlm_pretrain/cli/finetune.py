@@ -15,7 +15,8 @@ def add_parser(subparsers) -> None:
         "classification or regression task, several seeds with early stopping, and report the median "
         "score beside a TF-IDF + logistic-regression baseline. Given several --lr values, each runs "
         "with every seed and the one with the best median validation score is kept. TASK is a GLUE name "
-        "(cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli; needs the Hub), a directory holding "
+        "(cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli; from the Hub, or a local copy named by "
+        "MLM_PRETRAIN_GLUE_DIR), a directory holding "
         "train/validation/test files (.jsonl, .csv or .tsv; validation optional), or just a name when "
         "--train is given.",
     )
@@ -23,7 +24,12 @@ def add_parser(subparsers) -> None:
         "--model", required=True, metavar="DIR", help="checkpoint directory (config, weights, tokenizer)"
     )
     p.add_argument("--task", required=True, metavar="NAME_OR_PATH")
-    p.add_argument("--out", metavar="DIR", help="where to write results.json and results.md")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where to write results.json, results.md, results.png and, in DIR/model/, the fine-tuned model "
+        "(the best seed on validation) with its tokenizer and a model card",
+    )
     p.add_argument(
         "--seeds", type=int, default=3, help="fine-tuning runs; the median is reported (default 3)"
     )
@@ -65,6 +71,19 @@ def add_parser(subparsers) -> None:
         help="same architecture with random weights: shows what pretraining adds",
     )
     p.add_argument("--no-baseline", action="store_true", help="skip the TF-IDF baseline")
+    p.add_argument(
+        "--random-init",
+        action="store_true",
+        help="also fine-tune the same architecture from random initialisation, the same way, and report "
+        "it beside (table, plot): what pretraining adds",
+    )
+    p.add_argument(
+        "--push",
+        metavar="REPO_ID",
+        help="push the fine-tuned model (needs --out) to this Hub model repo, its scores in the model "
+        "card's model-index metadata; the token from HF_TOKEN or `hf auth login`",
+    )
+    p.add_argument("--private", action="store_true", help="with --push: create the repo private")
     p.set_defaults(run=run)
 
 
@@ -75,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("seeds", "epochs", "batch_size", "max_length"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.push and not args.out:
+        raise InputError("--push needs --out: the fine-tuned model is saved there, then pushed")
     text_fields = tuple(field.strip() for field in args.text_fields.split(",")) if args.text_fields else None
     task = load_task(
         args.task,
@@ -103,6 +124,15 @@ def run(args: argparse.Namespace) -> int:
         config=config,
         from_scratch=args.from_scratch,
         baseline=not args.no_baseline,
+        random_init=args.random_init,
     )
     print(f"{lr_choice(result)}\n{results_table(result)}")
+    if result["saved_model"]:
+        saved = result["saved_model"]
+        print(f"fine-tuned model (seed {saved['seed']}): {saved['path']}")
+    if args.push:
+        from mlm_pretrain.finetune.train import push_finetuned
+
+        pushed = push_finetuned(result, args.push, private=args.private)
+        print(f"pushed {result['saved_model']['path']} to {args.push}: {pushed.commit_url}")
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import yaml
+
 from mlm_pretrain.cli.common import add_corpus_args, corpus_overrides
 
 
@@ -31,6 +33,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="continue from the newest verified checkpoint in --out, or start fresh if it holds none "
         "(safe to repeat: a requeued job reruns the same command); refused if --out holds another recipe",
     )
+    p.add_argument(
+        "--log-with",
+        nargs="+",
+        metavar="TRACKER",
+        help="experiment trackers: tensorboard (the default), mlflow, wandb, trackio, or several; "
+        'mlflow, wandb and trackio need their extra: pip install "mlm-pretrain[mlflow]" (and so on)',
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides")
     p.set_defaults(run=run)
 
@@ -50,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         "impl.out": args.out,
         "max_steps": args.max_steps,
         "impl.resume": True if args.resume else None,
+        "impl.log_with": args.log_with and yaml.safe_dump(args.log_with, default_flow_style=True).strip(),
     }
     overrides = [
         *corpus_overrides(args, prefix="data."),

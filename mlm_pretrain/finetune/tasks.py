@@ -6,6 +6,11 @@ labels already mapped to class ids (or floats for regression). Three roles matte
 reported: `test` for a local task that has one; the GLUE dev sets for GLUE, whose test labels are
 hidden). When a task has no separate validation split, a seeded slice of train is held out for it.
 
+A GLUE task comes from the Hub's `nyu-mll/glue` through `datasets` (and its cache), or, with
+`MLM_PRETRAIN_GLUE_DIR` set, from a local copy in that repository's layout: `<task>/<split>-*.parquet`
+(`sst2/train-00000-of-00001.parquet`, `mnli/validation_matched-00000-of-00001.parquet`). Its test
+splits are never read: their labels are hidden (-1), and a split holding a -1 is refused, not scored.
+
 A local task is checked whole before any training: a malformed line, a missing field, an empty split,
 labels that mix numbers and class names, or a validation/test label that train never has is an
 `InputError` naming the file and line.
@@ -17,6 +22,7 @@ import csv
 import io
 import json
 import math
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,28 +34,35 @@ REGRESSION_METRICS = ("pearsonr", "spearmanr")
 HOLDOUT_FRACTION = 0.1
 HOLDOUT_SEED = 0  # fixed, so every seed and the baseline see the same train/validation cut
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv")
+GLUE_REPO = "nyu-mll/glue"
+GLUE_DIR_ENV = "MLM_PRETRAIN_GLUE_DIR"  # a local copy of GLUE_REPO, read in its place
 
 
 @dataclass(frozen=True)
 class GlueSpec:
     text_fields: tuple[str, ...]
-    num_labels: int  # 1 means regression
+    # the names of class ids 0, 1, ..., as the Hub's features have them; None: regression
+    label_names: tuple[str, ...] | None
     metrics: tuple[str, ...]
     scored_splits: tuple[str, ...] = ("validation",)
 
 
+_ENTAILMENT = ("entailment", "not_entailment")
 GLUE_TASKS = {
-    "cola": GlueSpec(("sentence",), 2, ("matthews_correlation",)),
-    "sst2": GlueSpec(("sentence",), 2, ("accuracy",)),
-    "mrpc": GlueSpec(("sentence1", "sentence2"), 2, ("f1", "accuracy")),
-    "stsb": GlueSpec(("sentence1", "sentence2"), 1, ("pearsonr", "spearmanr")),
-    "qqp": GlueSpec(("question1", "question2"), 2, ("f1", "accuracy")),
+    "cola": GlueSpec(("sentence",), ("unacceptable", "acceptable"), ("matthews_correlation",)),
+    "sst2": GlueSpec(("sentence",), ("negative", "positive"), ("accuracy",)),
+    "mrpc": GlueSpec(("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("f1", "accuracy")),
+    "stsb": GlueSpec(("sentence1", "sentence2"), None, ("pearsonr", "spearmanr")),
+    "qqp": GlueSpec(("question1", "question2"), ("not_duplicate", "duplicate"), ("f1", "accuracy")),
     "mnli": GlueSpec(
-        ("premise", "hypothesis"), 3, ("accuracy",), ("validation_matched", "validation_mismatched")
+        ("premise", "hypothesis"),
+        ("entailment", "neutral", "contradiction"),
+        ("accuracy",),
+        ("validation_matched", "validation_mismatched"),
     ),
-    "qnli": GlueSpec(("question", "sentence"), 2, ("accuracy",)),
-    "rte": GlueSpec(("sentence1", "sentence2"), 2, ("accuracy",)),
-    "wnli": GlueSpec(("sentence1", "sentence2"), 2, ("accuracy",)),
+    "qnli": GlueSpec(("question", "sentence"), _ENTAILMENT, ("accuracy",)),
+    "rte": GlueSpec(("sentence1", "sentence2"), _ENTAILMENT, ("accuracy",)),
+    "wnli": GlueSpec(("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",)),
 }
 
 
@@ -361,34 +374,75 @@ def holdout(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
 
 
 def _load_glue(name: str, metric: str | None) -> Task:
-    """A GLUE task from the Hub (`nyu-mll/glue`); needs network access or a warm `datasets` cache."""
-    import datasets
-
+    """A GLUE task from a local copy of `nyu-mll/glue` (`MLM_PRETRAIN_GLUE_DIR`), else from the Hub
+    through `datasets`, which needs network access or a warm cache (`HF_DATASETS_OFFLINE=1`)."""
     spec = GLUE_TASKS[name]
-    try:
-        dataset = datasets.load_dataset("nyu-mll/glue", name)
-    except Exception as err:  # offline, or the Hub unreachable: say which task and why
-        raise InputError(f"GLUE task {name!r}: cannot load nyu-mll/glue from the Hub ({err})") from err
+    fields = [*spec.text_fields, "label"]
+    splits = ("train", *spec.scored_splits)  # never test: its labels are hidden
+    local = os.environ.get(GLUE_DIR_ENV)
+    if local:
+        columns = {split: _read_glue_copy(Path(local), name, split, fields) for split in splits}
+        source = str(Path(local) / name)
+    else:
+        import datasets
+
+        try:
+            dataset = datasets.load_dataset(GLUE_REPO, name)
+        except Exception as err:  # offline, or the Hub unreachable: say which task and why
+            raise InputError(
+                f"GLUE task {name!r}: cannot load {GLUE_REPO} from the Hub ({err}); offline, set "
+                f"{GLUE_DIR_ENV} to a local copy of it"
+            ) from err
+        columns = {split: dataset[split].select_columns(fields).to_dict() for split in splits}
+        source = GLUE_REPO
 
     def split_of(split_name: str) -> Split:
-        columns = dataset[split_name]
-        pairs = columns[spec.text_fields[1]] if len(spec.text_fields) == 2 else None
-        labels = columns["label"]
-        return Split(
-            columns[spec.text_fields[0]],
-            pairs,
-            [float(v) for v in labels] if spec.num_labels == 1 else labels,
-        )
+        column = columns[split_name]
+        labels = column["label"]
+        valid = range(len(spec.label_names)) if spec.label_names else None
+        bad = [label for label in labels if label < 0 or (valid is not None and label not in valid)]
+        if bad:
+            hidden = " (GLUE hides its test labels as -1)" if -1 in bad else ""
+            raise InputError(
+                f"GLUE task {name!r} ({source}), split {split_name}: label {bad[0]} on {len(bad)} of "
+                f"{len(labels)} rows{hidden}; it can be neither trained on nor scored"
+            )
+        pairs = column[spec.text_fields[1]] if len(spec.text_fields) == 2 else None
+        targets = labels if spec.label_names else [float(v) for v in labels]
+        return Split(column[spec.text_fields[0]], pairs, targets)
 
     train_split, validation_split = holdout(split_of("train"), HOLDOUT_FRACTION, HOLDOUT_SEED)
-    label_feature = dataset["train"].features["label"]
     return Task(
         name=name,
         train=train_split,
         validation=validation_split,
         scored={split: split_of(split) for split in spec.scored_splits},
-        label_names=None if spec.num_labels == 1 else list(label_feature.names),
+        label_names=list(spec.label_names) if spec.label_names else None,
         metrics=(metric,) if metric else spec.metrics,
-        source="nyu-mll/glue",
+        source=source,
         notes=["GLUE test labels are hidden: scored on the dev set(s); early stopping on 10% of train"],
     )
+
+
+def _read_glue_copy(root: Path, name: str, split: str, fields: list[str]) -> dict[str, list]:
+    """`fields` of one split of a local copy of `nyu-mll/glue`: the rows of `<root>/<name>/<split>-*.parquet`
+    as columns."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not root.is_dir():
+        raise InputError(f"{GLUE_DIR_ENV}={root}: no such directory")
+    files = sorted((root / name).glob(f"{split}-*.parquet"))
+    if not files:
+        raise InputError(
+            f"{GLUE_DIR_ENV}={root}: no {name}/{split}-*.parquet; a copy of {GLUE_REPO} is laid out as "
+            f"<task>/<split>-00000-of-00001.parquet (hf download {GLUE_REPO} --repo-type dataset)"
+        )
+    tables = []
+    for file in files:
+        columns = pq.ParquetFile(file).schema_arrow.names
+        missing = [f for f in fields if f not in columns]
+        if missing:
+            raise InputError(f"{file}: no column {missing[0]!r}; columns: {columns}")
+        tables.append(pq.read_table(file, columns=fields))
+    return pa.concat_tables(tables).to_pydict()

@@ -12,14 +12,16 @@ validation and restoring the best epoch's weights. For BERT-base sized models us
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlm_pretrain.errors import InputError
 from mlm_pretrain.finetune.baseline import tfidf_baseline
@@ -29,7 +31,14 @@ from mlm_pretrain.finetune.scoring import score_predictions
 from mlm_pretrain.finetune.tasks import Task, load_task
 from mlm_pretrain.optim import build_optimizer, lr_factor, set_lr
 
+if TYPE_CHECKING:
+    import torch
+
+    from mlm_pretrain.hub import PushResult
+
 log = logging.getLogger(__name__)
+
+MODEL_SUBDIR = "model"  # the fine-tuned model, under the results directory
 
 
 @dataclass
@@ -48,6 +57,16 @@ class FinetuneConfig:
     # small model than 2 threads waiting for each other behind other processes.
     threads: int | None = None
     eval_batch_size: int = 128
+
+
+@dataclass
+class EncodedTask:
+    """A task's splits as token ids. The scored ones are kept apart: GLUE's scored dev set is named
+    `validation` too, and is not the split early stopping watches."""
+
+    train: list[dict]
+    validation: list[dict]
+    scored: dict[str, list[dict]]
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -96,33 +115,51 @@ def finetune(
     config: FinetuneConfig | None = None,
     from_scratch: bool = False,
     baseline: bool = True,
+    random_init: bool = False,
 ) -> dict:
     """Fine-tune `seeds` times at each learning rate of `config.lrs`, keep the rate with the best median
-    validation score, and return the results dict (also written to `out_dir` when given).
+    validation score, and return the results dict.
 
-    A pretrained checkpoint's model card gets a "Fine-tuning results" section; a `from_scratch` run
-    leaves the card alone, since its scores are not the checkpoint's.
+    With `out_dir`, the results go there (results.json, results.md, results.png) and so does the
+    fine-tuned model, in `out_dir/model/` (`MODEL_SUBDIR`): of the chosen rate's seeds, the one with the
+    best validation score, with its tokenizer and a model card whose `model-index` holds its scores.
+    `random_init` also fine-tunes the same architecture from random weights by the same procedure and
+    reports it beside (`result["random_init"]`). A pretrained checkpoint's model card gets a
+    "Fine-tuning results" section; a `from_scratch` run leaves the card alone, since its scores are not
+    the checkpoint's. A `config.max_length` beyond the model's positions is lowered to them, with a
+    warning, as an index error halfway through would be the alternative.
     """
+    from transformers import AutoConfig
+
+    from mlm_pretrain.models import usable_positions
+
     config = config or FinetuneConfig()
     if not config.lrs:
         raise InputError("no fine-tuning learning rate given")
+    if random_init and from_scratch:
+        raise InputError(
+            "random_init (--random-init) sets random initialisation beside a pretrained checkpoint; "
+            "from_scratch (--from-scratch) already fine-tunes from random weights: choose one"
+        )
     task = load_task(task) if isinstance(task, str) else task
     tokenizer = load_tokenizer(model_dir)
-    encoded = {
-        "train": encode(tokenizer, task.train, config.max_length),
-        "validation": encode(tokenizer, task.validation, config.max_length),
-    }
-    encoded.update({name: encode(tokenizer, split, config.max_length) for name, split in task.scored.items()})
-    grid = []
-    for lr in config.lrs:
-        runs = [
-            run_seed(model_dir, task, encoded, config, lr, seed, from_scratch, tokenizer.pad_token_id)
-            for seed in range(seeds)
-        ]
-        grid.append((statistics.median(run["validation_score"] for run in runs), lr, runs))
-    # The first of equal rates wins. Every run scored the test splits (cheaper than keeping every run's
-    # weights to score the chosen ones later), but only the chosen rate's scores are reported.
-    _, lr, runs = max(grid, key=lambda entry: entry[0])
+    if config.max_length > (positions := usable_positions(AutoConfig.from_pretrained(model_dir))):
+        log.warning(
+            "%s has %d positions: fine-tuning on its first %d tokens, not max_length %d",
+            model_dir,
+            positions,
+            positions,
+            config.max_length,
+        )
+        config = replace(config, max_length=positions)
+    encoded = EncodedTask(
+        train=encode(tokenizer, task.train, config.max_length),
+        validation=encode(tokenizer, task.validation, config.max_length),
+        scored={name: encode(tokenizer, split, config.max_length) for name, split in task.scored.items()},
+    )
+    keep = out_dir is not None
+    pad = tokenizer.pad_token_id
+    lr, grid, runs, best = run_grid(model_dir, task, encoded, config, seeds, from_scratch, keep, pad)
     result = {
         "task": task.name,
         "source": task.source,
@@ -131,34 +168,127 @@ def finetune(
         "init": "random" if from_scratch else "pretrained",
         "config": asdict(config),
         "lr": lr,
-        "grid": [{"lr": rate, "validation_median": median} for median, rate, _ in grid],
+        "grid": grid,
         "train_rows": len(task.train),
         "validation_rows": len(task.validation),
         "notes": task.notes,
         "seeds": runs,
-        "median": {
-            name: statistics.median(run["scores"][name]["score"] for run in runs) for name in task.scored
-        },
+        "median": _medians(task, runs),
         "baseline": tfidf_baseline(task) if baseline else None,
+        "random_init": None,
+        "saved_model": None,
     }
+    if random_init:
+        scratch_lr, scratch_grid, scratch_runs, _ = run_grid(
+            model_dir, task, encoded, config, seeds, True, False, pad
+        )
+        result["random_init"] = {
+            "lr": scratch_lr,
+            "grid": scratch_grid,
+            "seeds": scratch_runs,
+            "median": _medians(task, scratch_runs),
+        }
     if out_dir is not None:
+        model, seed = best
+        result["saved_model"] = {"path": str(Path(out_dir) / MODEL_SUBDIR), "seed": seed}
         write_results(result, out_dir)
+        save_finetuned(model, tokenizer, result, Path(out_dir) / MODEL_SUBDIR)
     if not from_scratch:
         update_model_card(model_dir, result)
     return result
 
 
+def run_grid(
+    model_dir: str | Path,
+    task: Task,
+    encoded: EncodedTask,
+    config: FinetuneConfig,
+    seeds: int,
+    from_scratch: bool,
+    keep_model: bool,
+    pad_token_id: int,
+) -> tuple[float, list[dict], list[dict], tuple | None]:
+    """Every rate of `config.lrs` with every seed; return the rate with the best median validation score
+    (the first of equal ones), the grid's medians, that rate's runs and, with `keep_model`, (model, seed)
+    of its run with the best validation score, the lower validation loss breaking ties.
+
+    Every run scored the test splits (cheaper than keeping every run's weights to score the chosen ones
+    later), but only the chosen rate's scores are reported. At most two models are kept at a time: the
+    best of this rate's seeds so far and that of the best rate so far.
+    """
+    grid, chosen = [], None
+    for lr in config.lrs:
+        runs, best_rank, best = [], None, None
+        for seed in range(seeds):
+            run, model = run_seed(model_dir, task, encoded, config, lr, seed, from_scratch, pad_token_id)
+            runs.append(run)
+            rank = (run["validation_score"], -run["history"][run["best_epoch"] - 1]["validation"]["loss"])
+            if keep_model and (best_rank is None or rank > best_rank):
+                best_rank, best = rank, (model, seed)
+            del model  # else a run's weights outlive it while the next run trains
+        median = statistics.median(run["validation_score"] for run in runs)
+        grid.append({"lr": lr, "validation_median": median})
+        if chosen is None or median > chosen[0]:
+            chosen = (median, lr, runs, best)
+    _, lr, runs, best = chosen
+    return lr, grid, runs, best
+
+
+def save_finetuned(model, tokenizer, result: dict, out_dir: Path) -> Path:
+    """The fine-tuned model as a Hugging Face directory `pipeline("text-classification")` loads: weights
+    (safetensors), config with the task's class names as labels, tokenizer, README.md with `model-index`,
+    results.json and results.png. Written whole, replacing an older one only when complete."""
+    from mlm_pretrain.checkpoint import atomic_directory
+    from mlm_pretrain.finetune.results import PLOT, finetuned_card, plot_results
+    from mlm_pretrain.models import make_config_portable, usable_positions
+    from mlm_pretrain.tokenizer import save_tokenizer
+
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    with atomic_directory(out_dir, size_estimate=weights) as partial:
+        model.save_pretrained(partial, safe_serialization=True)
+        make_config_portable(partial)
+        save_tokenizer(tokenizer, partial, model_max_length=usable_positions(model.config))
+        (partial / "README.md").write_text(finetuned_card(result))
+        (partial / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot_results([result], partial / PLOT)
+    return out_dir
+
+
+def push_finetuned(result: dict, repo_id: str, **kwargs) -> PushResult:
+    """Push the model `finetune` saved (`result["saved_model"]`) to the Hub model repo `repo_id`, its card
+    rewritten to name the repo. `kwargs` go to `hub.push_to_hub` (private, token, endpoint, revision)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from mlm_pretrain.finetune.results import finetuned_card
+    from mlm_pretrain.hub import push_to_hub
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:  # before the card names it
+        raise InputError(f"--push {repo_id!r}: {err}") from err
+    model_dir = Path(result["saved_model"]["path"])
+    (model_dir / "README.md").write_text(finetuned_card(result, repo_id))
+    message = f"Upload a {result['task']} classifier fine-tuned with mlm-pretrain"
+    return push_to_hub(model_dir, repo_id, commit_message=message, **kwargs)
+
+
+def _medians(task: Task, runs: list[dict]) -> dict[str, float]:
+    return {name: statistics.median(run["scores"][name]["score"] for run in runs) for name in task.scored}
+
+
 def run_seed(
     model_dir: str | Path,
     task: Task,
-    encoded: dict[str, list[dict]],
+    encoded: EncodedTask,
     config: FinetuneConfig,
     lr: float,
     seed: int,
     from_scratch: bool,
     pad_token_id: int,
-) -> dict:
+) -> tuple[dict, torch.nn.Module]:
     """One fine-tuning run: train with early stopping, restore the best epoch, score the scored splits.
+    Returns the run's record and its model, with the best epoch's weights.
 
     The best epoch has the best validation score, the lower validation loss breaking ties. An epoch
     makes progress when it is the best so far or lowers the validation loss: a small model's score can
@@ -177,7 +307,7 @@ def run_seed(
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
     optimizer = build_optimizer(model, lr, config.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    train, labels = encoded["train"], task.train.labels
+    train, labels = encoded.train, task.train.labels
     lengths = [len(example["input_ids"]) for example in train]
     label_dtype = torch.float32 if task.is_regression else torch.long
     rng = random.Random(seed)
@@ -206,7 +336,7 @@ def run_seed(
         train_seconds += time.perf_counter() - started
 
         validation = evaluate(
-            model, encoded["validation"], task.validation.labels, task, config, accelerator, pad_token_id
+            model, encoded.validation, task.validation.labels, task, config, accelerator, pad_token_id
         )
         history.append({"epoch": epoch, "train_loss": statistics.fmean(losses), "validation": validation})
         log.info(
@@ -234,10 +364,10 @@ def run_seed(
 
     accelerator.unwrap_model(model).load_state_dict(best_state)
     scores = {
-        name: evaluate(model, encoded[name], split.labels, task, config, accelerator, pad_token_id)
+        name: evaluate(model, encoded.scored[name], split.labels, task, config, accelerator, pad_token_id)
         for name, split in task.scored.items()
     }
-    return {
+    run = {
         "seed": seed,
         "lr": lr,
         "validation_score": best[0],
@@ -247,6 +377,7 @@ def run_seed(
         "train_examples_per_s": examples_seen / train_seconds,
         "history": history,
     }
+    return run, accelerator.unwrap_model(model, keep_fp32_wrapper=False)
 
 
 def evaluate(

@@ -189,3 +189,16 @@ def test_the_bf16_compiled_path_trains_close_to_fp32(tmp_path):
     assert len(bf16) == 4 and all(loss == loss and abs(loss) < 100 for _, loss in bf16)
     for (_, a), (_, b) in zip(fp32, bf16, strict=True):
         assert b == pytest.approx(a, rel=2e-2)
+
+
+@pytest.mark.slow
+def test_a_minutes_budget_holds_for_the_whole_run_evaluations_included(tmp_path):
+    """max_minutes is the user's clock: here evaluation (every step, 256 blocks) takes most of the time,
+    and a budget counting only training steps would run for minutes."""
+    started = time.time()
+    pretrain(
+        tmp_path, "max_steps=null", "max_minutes=0.1", "eval_every=1", "eval_blocks=256", "save_every=1000"
+    )
+    assert time.time() - started < 45  # 6 s of budget, the interpreter's start, the final export
+    state = json.loads((latest_checkpoint(tmp_path) / "trainer_state.json").read_text())
+    assert 6 <= state["elapsed"] < 6 + 10  # stopped at the first step past the budget

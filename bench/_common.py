@@ -7,6 +7,7 @@ carries its own peak RSS, so each side's memory is its own and not the parent's.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -17,6 +18,42 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = str(ROOT.parent / "shared" / "data")
 MARK = "BENCH-RESULT "
+
+
+FLAGS_OF_INTEREST = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def machine() -> str:
+    """One line for a benchmark's header: the `lscpu` model name, which flags of interest the CPU has,
+    the CPUs this process may run on and the load average. Benchmark machines here differ (some have AMX,
+    some not), so every table should carry this line."""
+    model, flags = "unknown", set()
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
+        fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+        model, flags = fields.get("Model name", model), set(fields.get("Flags", "").split())
+    except (OSError, subprocess.CalledProcessError):
+        cpuinfo = Path("/proc/cpuinfo")
+        for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    present = ", ".join(f"{flag} {'yes' if flag in flags else 'no'}" for flag in FLAGS_OF_INTEREST)
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"machine: lscpu model {model!r}; {present}; {os.cpu_count()} CPUs, this run on CPUs {cpus}; "
+        f"load average {load}"
+    )
+
+
+def direction(ratio: float, peer: str) -> str:
+    """A speed ratio (ours / peer, higher = ours faster) in words that say its direction."""
+    if ratio >= 1:
+        return f"ours {ratio:.2f}x faster than {peer}"
+    return f"ours {1 / ratio:.2f}x slower than {peer} (takes {1 / ratio:.2f}x its time)"
 
 
 def peak_rss_mb() -> dict[str, float]:

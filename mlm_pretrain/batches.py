@@ -133,6 +133,35 @@ class MLMBatches:
         self._blocks = iter(self.stream)
 
 
+def training_batches(recipe, tokenizer, info: TokenInfo, *, device, rank: int, world_size: int) -> MLMBatches:
+    """The training steps a pretraining recipe (`trainer.PretrainRecipe`) describes, for one rank: its
+    corpus streamed for as many epochs as the run takes, packed, shuffled, masked."""
+    from mlm_pretrain.corpus import TextStream
+
+    data, optim = recipe.data, recipe.optim
+    documents = TextStream(data.corpus, text_field=data.text_field, seed=recipe.seed, epochs=None)
+    stream = BlockStream(
+        documents,
+        tokenizer,
+        data.seq_len,
+        shuffle_buffer=data.shuffle_buffer,
+        seed=recipe.seed,
+        rank=rank,
+        world_size=world_size,
+    )
+    return MLMBatches(
+        stream,
+        info,
+        recipe.mlm,
+        seed=recipe.seed,
+        micro_batch_size=optim.micro_batch_size,
+        accumulation=optim.batch_size // (optim.micro_batch_size * world_size),
+        device=device,
+        rank=rank,
+        world_size=world_size,
+    )
+
+
 EVAL_SEED = 20_240_601  # evaluation masks are the same at every evaluation of every run
 
 

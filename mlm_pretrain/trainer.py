@@ -129,20 +129,19 @@ def pretrain(recipe: PretrainRecipe) -> dict:
     from huggingface_hub import get_token
     from tqdm.auto import tqdm
 
-    from mlm_pretrain.batches import MLMBatches, prefetched
+    from mlm_pretrain.batches import prefetched, training_batches
     from mlm_pretrain.checkpoint import (
         checkpoint_size_estimate,
         load_checkpoint,
         save_checkpoint,
         warn_if_disk_low,
     )
-    from mlm_pretrain.corpus import TextStream
     from mlm_pretrain.hub import push_checkpoint
     from mlm_pretrain.launch import start_accelerator, threads_per_process
     from mlm_pretrain.models import build_model, count_parameters
     from mlm_pretrain.objectives.mlm import SparseMLM
     from mlm_pretrain.optim import build_optimizer, lr_factor, set_lr
-    from mlm_pretrain.packing import BlockStream, TokenInfo
+    from mlm_pretrain.packing import TokenInfo
     from mlm_pretrain.parallel import parallelize
     from mlm_pretrain.run_dir import checkpoint_to_resume, hold_run_dir, write_recipe
     from mlm_pretrain.run_log import RunLog, run_config
@@ -178,28 +177,8 @@ def pretrain(recipe: PretrainRecipe) -> dict:
     # the head sees a different number of masked positions every step: compiled apart, with dynamic shapes
     objective = parallelize(SparseMLM(model, compile_head=impl.compile), impl, accelerator)
     optimizer = build_optimizer(objective, optim.lr, optim.weight_decay, tuple(optim.betas), optim.eps)
-    documents = TextStream(
-        recipe.data.corpus, text_field=recipe.data.text_field, seed=recipe.seed, epochs=None
-    )
-    stream = BlockStream(
-        documents,
-        tokenizer,
-        recipe.data.seq_len,
-        shuffle_buffer=recipe.data.shuffle_buffer,
-        seed=recipe.seed,
-        rank=rank,
-        world_size=world,
-    )
-    batches = MLMBatches(
-        stream,
-        info,
-        recipe.mlm,
-        seed=recipe.seed,
-        micro_batch_size=micro,
-        accumulation=optim.batch_size // (micro * world),
-        device=accelerator.device,
-        rank=rank,
-        world_size=world,
+    batches = training_batches(
+        recipe, tokenizer, info, device=accelerator.device, rank=rank, world_size=world
     )
 
     step, elapsed_before, metrics = 0, 0.0, {}

@@ -42,7 +42,6 @@ def start_accelerator(
     mixed_precision: str = "no",
     cpu: bool | None = None,
     log_with: Sequence[str] = (),
-    **kwargs,
 ):
     """The `Accelerator` of this process, in the one process group every launcher's environment
     describes. `cpu=None` trains on the accelerator if there is one; word2vec, whose tables live in
@@ -54,16 +53,12 @@ def start_accelerator(
     from mlm_pretrain.run_log import trackers
 
     if cpu is None:
-        cpu = not torch.accelerator.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in (
-            "1",
-            "true",
-        )
+        cpu = not torch.accelerator.is_available() or _asked_for_cpu()
     return Accelerator(
         cpu=cpu,
         mixed_precision=mixed_precision,
         project_dir=run_dir,
         log_with=trackers(log_with, run_dir),
-        **kwargs,
     )
 
 
@@ -72,7 +67,7 @@ def accelerate_cpu_launch() -> Launch | None:
     only us in place of several processes; None when we are part of a proper process group."""
     if "WORLD_SIZE" in os.environ or "MASTER_ADDR" not in os.environ:
         return None  # a launcher formed the group, or accelerate asked for one process (no MASTER_ADDR)
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true"):
+    if not _asked_for_cpu():
         return None
     import psutil
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
@@ -122,6 +117,11 @@ def relaunch(launch: Launch) -> int:
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // launch.nproc_per_node)))
     return subprocess.call(cmd, env=env)
+
+
+def _asked_for_cpu() -> bool:
+    """`accelerate launch --cpu` (or a config with `use_cpu: true`) said so."""
+    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
 
 
 def threads_per_process() -> int:

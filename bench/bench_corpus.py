@@ -6,14 +6,18 @@ ours     `BlockStream(TextStream(corpus), tokenizer, 128)` iterated to the end, 
 run_mlm  HF examples/pytorch/language-modeling/run_mlm.py's preprocessing, as a user would run it on these
          files: `load_dataset("text")` for the .txt/.txt.gz files and `load_dataset("json")` for the
          .jsonl.gz one (its `text` column), concatenated, then `.map(tokenize, batched=True, num_proc=2)`
-         with `return_special_tokens_mask=True` and `.map(group_texts, batched=True, num_proc=2)`.
+         with `return_special_tokens_mask=True` and `.map(group_texts, batched=True, num_proc=2)`
+         (`--preprocessing_num_workers 2`; `--num-proc` changes it).
          Each run gets a fresh, empty HF_DATASETS_CACHE, so no run reuses another's Arrow cache.
+run_mlm_default  the same at run_mlm.py's default, `--preprocessing_num_workers` unset: `num_proc=None`,
+         both maps in the main process.
 raw      the fast tokenizer's `encode_batch` (and `encode_batch_fast`) over the same documents already in
          memory: the ceiling, as it neither reads files nor packs.
 
 tokens/s counts document tokens (no [CLS]/[SEP]/[PAD]) tokenized per wall-clock second, the same count
 for every side. "delivered" is the document tokens that come out inside blocks; run_mlm's group_texts
-drops the remainder of every 1000-row map batch.
+drops the remainder of every 1000-row map batch. The ratio columns are speed ratios (a side's tokens/s over
+the run_mlm side's): above 1 the side is that many times faster.
 
     python bench/bench_corpus.py                                   # the default 8k WordPiece
     python bench/bench_corpus.py --tokenizer /tmp/wp30k --rounds 3 # e.g. one bench_tokenizer.py --keep made
@@ -30,9 +34,19 @@ from itertools import chain
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_DATA, ROOT, cpu_seconds, median, report, run_side, table  # noqa: E402
+from _common import (  # noqa: E402
+    DEFAULT_DATA,
+    ROOT,
+    cpu_seconds,
+    direction,
+    machine,
+    median,
+    report,
+    run_side,
+    table,
+)
 
-SIDES = ("ours", "run_mlm", "raw")
+SIDES = ("ours", "run_mlm", "run_mlm_default", "raw")
 
 
 def side_ours(corpus: str, tokenizer_dir: str, seq_len: int, shuffle_buffer: int) -> dict:
@@ -57,7 +71,7 @@ def side_ours(corpus: str, tokenizer_dir: str, seq_len: int, shuffle_buffer: int
     }
 
 
-def side_run_mlm(corpus: str, tokenizer_dir: str, seq_len: int, num_proc: int) -> dict:
+def side_run_mlm(corpus: str, tokenizer_dir: str, seq_len: int, num_proc: int | None) -> dict:
     with tempfile.TemporaryDirectory(prefix="hf-datasets-cache-") as cache:
         os.environ["HF_DATASETS_CACHE"] = cache  # before `datasets` is imported: a cold cache every run
         import datasets
@@ -131,7 +145,9 @@ def main() -> None:
     parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--tokenizer", default=str(ROOT / "tokenizers" / "default-wordpiece-8k"))
     parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--num-proc", type=int, default=2, help="run_mlm's --preprocessing_num_workers")
+    parser.add_argument(
+        "--num-proc", type=int, default=2, help="the run_mlm side's --preprocessing_num_workers"
+    )
     parser.add_argument("--shuffle-buffer", type=int, default=0, help="ours: blocks in the shuffle buffer")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sides", default=",".join(SIDES))
@@ -143,10 +159,13 @@ def main() -> None:
         return report(side_ours(corpus, args.tokenizer, args.seq_len, args.shuffle_buffer))
     if args.side == "run_mlm":
         return report(side_run_mlm(corpus, args.tokenizer, args.seq_len, args.num_proc))
+    if args.side == "run_mlm_default":
+        return report(side_run_mlm(corpus, args.tokenizer, args.seq_len, None))
     if args.side == "raw":
         return report(side_raw(corpus, args.tokenizer))
 
     sides = args.sides.split(",")
+    print(machine(), flush=True)
     forwarded = ["--data", args.data, "--tokenizer", args.tokenizer, "--seq-len", str(args.seq_len)]
     forwarded += ["--num-proc", str(args.num_proc), "--shuffle-buffer", str(args.shuffle_buffer)]
     runs: dict[str, list[dict]] = {side: [] for side in sides}
@@ -155,23 +174,24 @@ def main() -> None:
             result = run_side("bench_corpus.py", side, forwarded)
             runs[side].append(result)
             seconds = result.get("seconds", result.get("seconds_encode_batch"))
-            print(f"round {round_ + 1} {side:8s} {seconds:6.1f} s", flush=True)
+            print(f"round {round_ + 1} {side:15s} {seconds:6.1f} s", flush=True)
 
     def rate(side: str, key: str) -> float:
         return median([{"v": r["doc_tokens"] / r[key]} for r in runs[side]], "v")
 
+    peers = {"run_mlm": f"run_mlm num_proc={args.num_proc}", "run_mlm_default": "run_mlm default"}
+    peers = {side: name for side, name in peers.items() if side in runs}
     rows = []
     for side in sides:
         for variant in [""] if side != "raw" else ["_encode_batch", "_encode_batch_fast"]:
             first = runs[side][0]
             delivered = first.get("delivered", "-")
+            speed = rate(side, "seconds" + variant)
             rows.append(
                 [
                     side + variant.replace("_", " ", 1),
-                    rate(side, "seconds" + variant),
-                    rate(side, "seconds" + variant) / rate("run_mlm", "seconds")
-                    if "run_mlm" in runs
-                    else "-",
+                    speed,
+                    *(speed / rate(peer, "seconds") for peer in peers),
                     rate(side, "cpu" + variant),
                     median(runs[side], "seconds" + variant),
                     first["doc_tokens"],
@@ -182,9 +202,14 @@ def main() -> None:
                 ]
             )
     print(f"\n{corpus}, tokenizer {args.tokenizer}, seq_len {args.seq_len}, medians of {args.rounds} rounds")
-    header = ["side", "tokens/s", "x run_mlm", "tokens/CPU-s", "s", "doc tokens", "delivered", "dropped"]
-    header += ["RSS MB", "worker MB"]
+    header = ["side", "tokens/s", *(f"x {name} speed" for name in peers.values()), "tokens/CPU-s", "s"]
+    header += ["doc tokens", "delivered", "dropped", "RSS MB", "worker MB"]
     print(table(header, rows))
+    if "ours" in runs:
+        for peer, name in peers.items():
+            ratio = rate("ours", "seconds") / rate(peer, "seconds")
+            per_cpu = rate("ours", "cpu") / rate(peer, "cpu")
+            print(f"{direction(ratio, name)} in tokens/s; per CPU-second {direction(per_cpu, name)}")
 
 
 if __name__ == "__main__":

@@ -121,10 +121,9 @@ def full_state_dict(objective: torch.nn.Module) -> dict[str, torch.Tensor]:
     state = get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     # a tied parameter (the MLM decoder is the input embedding) is one tensor under several names; the
     # gathered copies no longer share storage, so keep the first name, as save_pretrained would
-    first_name: dict[int, str] = {}
+    seen, tied = set(), set()
     for name, param in objective.model.named_parameters(remove_duplicate=False):
-        first_name.setdefault(id(param), name)
-    tied = {f"model.{name}" for name, p in objective.model.named_parameters(remove_duplicate=False)} - {
-        f"model.{name}" for name in first_name.values()
-    }
+        if id(param) in seen:
+            tied.add(f"model.{name}")
+        seen.add(id(param))
     return {k.removeprefix("model."): v for k, v in state.items() if k not in tied}

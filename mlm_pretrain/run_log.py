@@ -86,7 +86,7 @@ class RunLog:
         try:
             accelerator.init_trackers(
                 PROJECT,
-                config=_flat(config),
+                config=config,
                 init_kwargs={
                     "mlflow": {"run_name": name},
                     "wandb": {"name": name, **wandb_dir},

@@ -34,3 +34,14 @@ def build_tiny_checkpoint(out: Path, texts: list[str] | None = None, vocab_size:
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A session-wide tiny checkpoint directory: copy it before changing it."""
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run ~20x faster on one thread when other processes share the 2 cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -26,15 +26,7 @@ SHIPPED_RT = Path(__file__).parents[1] / "mlm_pretrain" / "data" / "tasks" / "rt
 TINY = FinetuneConfig(epochs=2, lrs=(1e-3,), batch_size=16, max_length=64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tiny models run ~20x faster on one thread when other processes share the 2 cores."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

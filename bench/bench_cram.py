@@ -1,21 +1,132 @@
-"""The CPU-cram result: pretrain with recipes/cpu-cram.yaml for N minutes on the shared corpus, fine-tune on
-rt_sentiment, and compare test accuracy against the same architecture from random initialisation and
-against TF-IDF + logistic regression (median of the seeds for the encoders).
+"""Fine-tuning accuracy against pretraining time (issue 13, item 1).
 
-    python bench/bench_cram.py --data ../shared/data --minutes 30 --seeds 3
+Checkpoints of `recipes/cpu-cram.yaml` after each of `--minutes` (each its own run, with its own
+budget: the schedule ends when its time does), plus random initialisation of the same architecture
+(0 minutes), each fine-tuned on each of `--tasks` by one procedure: every learning rate of `--lr`,
+`--seeds` seeds, up to `--epochs` epochs with the best epoch kept by validation, the rate with the best
+median validation score kept; then the test score (median and spread of the seeds), beside TF-IDF +
+logistic regression. Fine-tuning jobs run `--jobs` at a time with one torch thread each (small models
+fine-tune faster so than one job on every core).
+
+Every result is on disk as it comes: a pretraining run in `<out>/cram<M>/`, a fine-tuning job in
+`<out>/finetune/<checkpoint>-<task>/results.json`; a rerun skips what is done. `--table` prints the table
+and draws `<out>/cram_finetune.png` (one panel per task) from what is there.
+
+    python bench/bench_cram.py --data ../shared/data --minutes 10 30
+    python bench/bench_cram.py --table
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = str(ROOT.parent / "shared" / "data")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DEFAULT_DATA, ROOT, machine  # noqa: E402
+
+RANDOM = "random-init"
+
+
+def pretrain(data: Path, minutes: float, out: Path, threads: int) -> Path:
+    run = out / f"cram{minutes:g}"
+    if not (run / "final" / "model.safetensors").exists():
+        subprocess.run(
+            [sys.executable, "-m", "mlm_pretrain", "pretrain",
+             "--recipe", str(ROOT / "recipes/cpu-cram.yaml"), "--out", str(run),
+             "--corpus", str(data / "corpus"),
+             "--validation", str(data / "validation" / "corpus_validation.jsonl"),
+             f"max_minutes={minutes}", f"impl.threads={threads}", "impl.progress=false"],
+            cwd=ROOT, check=True,
+        )  # fmt: skip
+    return run / "final"
+
+
+def finetune_job(model: Path, name: str, task: str, args: argparse.Namespace) -> None:
+    out = Path(args.out) / "finetune" / f"{name}-{task}"
+    if (out / "results.json").exists():
+        return
+    command = [
+        sys.executable, "-m", "mlm_pretrain", "finetune", "--model", str(model),
+        "--task", str(Path(args.data) / "tasks" / task), "--out", str(out), "--seeds", str(args.seeds),
+        "--lr", *map(str, args.lr), "--epochs", str(args.epochs), "--max-length", str(args.max_length),
+        "--threads", "1",
+    ] + (["--from-scratch"] if name == RANDOM else [])  # fmt: skip
+    log = out.with_suffix(".log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as sink:
+        done = subprocess.run(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, check=False)
+    if done.returncode != 0:
+        print(f"{name} on {task} failed (exit {done.returncode}), see {log}", flush=True)
+
+
+def table(out: Path, tasks: list[str]) -> None:
+    rows, baselines = {}, {}
+    for path in sorted((out / "finetune").glob("*/results.json")):
+        result = json.loads(path.read_text())
+        name = path.parent.name.removesuffix(f"-{result['task']}")
+        seeds = [run["scores"]["test"]["score"] for run in result["seeds"]]
+        rows.setdefault(name, {})[result["task"]] = (
+            statistics.median(seeds),
+            min(seeds),
+            max(seeds),
+            result["lr"],
+        )
+        if result.get("baseline"):
+            baselines[result["task"]] = result["baseline"]["scores"]["test"]["score"]
+
+    def minutes(name: str) -> float:
+        """Pretraining minutes of a cram checkpoint (0: random init); other checkpoints (--also) sort last."""
+        if name == RANDOM:
+            return 0.0
+        return float(name.removeprefix("cram")) if name.removeprefix("cram").isdigit() else float("inf")
+
+    names = sorted(rows, key=minutes)
+    print(machine())
+    print("| checkpoint | " + " | ".join(f"{t}: median [min-max] (lr)" for t in tasks) + " |")
+    print("|---|" + "---|" * len(tasks))
+    for name in names:
+        cells = []
+        for t in tasks:
+            if t in rows[name]:
+                med, lo, hi, lr = rows[name][t]
+                cells.append(f"{med:.4f} [{lo:.4f}-{hi:.4f}] ({lr:g})")
+            else:
+                cells.append("not run")
+        label = name if minutes(name) == float("inf") else f"cpu-cram, {minutes(name):g} min"
+        label = "random initialisation (0 min)" if name == RANDOM else label
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    print(
+        "| TF-IDF + logistic regression | "
+        + " | ".join(f"{baselines.get(t, float('nan')):.4f}" for t in tasks)
+        + " |"
+    )
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6))
+    for ax, t in zip(axes if len(tasks) > 1 else [axes], tasks, strict=True):
+        done = [n for n in names if t in rows[n] and minutes(n) != float("inf")]
+        xs = [minutes(n) for n in done]
+        med = [rows[n][t][0] for n in done]
+        err = [[rows[n][t][0] - rows[n][t][1] for n in done], [rows[n][t][2] - rows[n][t][0] for n in done]]
+        ax.errorbar(xs, med, yerr=err, marker="o", capsize=4, label="fine-tuned encoder (median, seed range)")
+        if t in baselines:
+            ax.axhline(baselines[t], color="gray", linestyle="--", label="TF-IDF + logistic regression")
+        ax.set_title(t)
+        ax.set_xlabel("pretraining minutes on 2 cores (0 = random init)")
+        ax.set_ylabel("test F1" if t == "sms_spam" else "test accuracy")
+    axes[0].legend(fontsize=7) if len(tasks) > 1 else axes.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "cram_finetune.png", dpi=110)
+    print(f"wrote {out / 'cram_finetune.png'}")
 
 
 def main() -> None:
@@ -23,93 +134,30 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", default=DEFAULT_DATA)
-    parser.add_argument("--minutes", type=float, default=30.0)
+    parser.add_argument("--minutes", nargs="+", type=float, default=[10.0, 30.0])
+    parser.add_argument("--tasks", nargs="+", default=["rt_sentiment", "trec", "sms_spam"])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--out", default=str(ROOT / "runs" / "cram"))
+    parser.add_argument("--lr", nargs="+", type=float, default=[1e-4, 3e-4], help="each side keeps its best")
+    parser.add_argument("--epochs", type=int, default=3, help="the best epoch by validation is kept")
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the pretraining runs")
+    parser.add_argument("--jobs", type=int, default=2, help="fine-tuning jobs at a time, one thread each")
+    parser.add_argument("--out", default=str(ROOT / "runs"))
     parser.add_argument(
-        "--epochs", type=int, default=5, help="fine-tuning epochs (early stopping may cut them)"
+        "--also", nargs="+", default=[], metavar="NAME=DIR", help="more checkpoints to fine-tune the same way"
     )
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument(
-        "--lr",
-        nargs="+",
-        type=float,
-        default=[3e-4, 1e-3],
-        help="fine-tuning rates; each side keeps its best",
-    )
+    parser.add_argument("--table", action="store_true", help="only print the table and draw the PNG")
     args = parser.parse_args()
     data, out = Path(args.data), Path(args.out)
-
-    tokenizer = ROOT / "tokenizers" / "shared-wordpiece-16k"
-    if not (tokenizer / "tokenizer.json").exists():
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "mlm_pretrain",
-                "tokenizer",
-                "--recipe",
-                str(ROOT / "recipes/tokenizer-shared-16k.yaml"),
-                f"corpus=[{data / 'corpus'}]",
-            ],
-            cwd=ROOT,
-            check=True,
-        )
-    final = out / "final"
-    if not (final / "model.safetensors").exists():
-        started = time.perf_counter()
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "mlm_pretrain",
-                "pretrain",
-                "--recipe",
-                str(ROOT / "recipes/cpu-cram.yaml"),
-                "--out",
-                str(out),
-                "--corpus",
-                str(data / "corpus"),
-                "--validation",
-                str(data / "validation" / "corpus_validation.jsonl"),
-                f"max_minutes={args.minutes}",
-                f"impl.threads={args.threads}",
-                "impl.progress=false",
-            ],
-            cwd=ROOT,
-            check=True,
-        )
-        print(f"pretraining took {(time.perf_counter() - started) / 60:.1f} min wall-clock")
-
-    from mlm_pretrain.finetune import FinetuneConfig, finetune, load_task
-
-    task = load_task(str(data / "tasks" / "rt_sentiment"))
-    config = FinetuneConfig(epochs=args.epochs, threads=args.threads, lrs=tuple(args.lr))
-    ours = finetune(final, task, out / "finetune-pretrained", seeds=args.seeds, config=config)
-    scratch = finetune(
-        final,
-        task,
-        out / "finetune-random-init",
-        seeds=args.seeds,
-        config=config,
-        from_scratch=True,
-        baseline=False,
-    )
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    last_eval = [r for r in records if "eval_loss" in r][-1]
-    summary = {
-        "steps": last_eval["step"],
-        "tokens": [r["tokens"] for r in records if "tokens" in r][-1],
-        "eval_loss": last_eval["eval_loss"],
-        "eval_accuracy": last_eval["eval_accuracy"],
-        "pretrained_test_accuracy": ours["median"]["test"],
-        "pretrained_per_seed": [run["scores"]["test"]["score"] for run in ours["seeds"]],
-        "random_init_test_accuracy": scratch["median"]["test"],
-        "random_init_per_seed": [run["scores"]["test"]["score"] for run in scratch["seeds"]],
-        "tfidf_lr_test_accuracy": ours["baseline"]["scores"]["test"]["score"],
-    }
-    (out / "cram_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+    if not args.table:
+        checkpoints = {f"cram{m:g}": pretrain(data, m, out, args.threads) for m in args.minutes}
+        checkpoints |= {name: Path(d) for name, d in (item.split("=", 1) for item in args.also)}
+        architecture = next(iter(checkpoints.values()))
+        jobs = [(architecture, RANDOM, t) for t in args.tasks]
+        jobs += [(model, name, t) for name, model in checkpoints.items() for t in args.tasks]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda job: finetune_job(*job, args), jobs))
+    table(out, args.tasks)
 
 
 if __name__ == "__main__":

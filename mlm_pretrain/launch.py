@@ -36,6 +36,26 @@ class Launch:
     master_port: int | None
 
 
+PRECISIONS = ("no", "bf16", "auto")
+
+
+def resolve_precision(setting: str, device_type: str) -> str:
+    """`impl.mixed_precision` as this machine should run it: "auto" is bf16 where the hardware computes
+    in bf16 (a CUDA GPU that supports it; a CPU with AVX512-BF16 or AMX) and fp32 elsewhere: on an AVX2
+    CPU, bf16 autocast is emulated and was >10x slower than fp32 for the cram model (bench/RESULTS.md)."""
+    if setting != "auto":
+        return setting
+    if device_type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    if device_type == "cpu":
+        native = (
+            getattr(torch.cpu, "_is_avx512_bf16_supported", bool)()
+            or getattr(torch.cpu, "_is_amx_tile_supported", bool)()
+        )
+        return "bf16" if native else "no"
+    return "no"
+
+
 def start_accelerator(
     run_dir: Path,
     *,
@@ -46,6 +66,7 @@ def start_accelerator(
     """The `Accelerator` of this process, in the one process group every launcher's environment
     describes. `cpu=None` trains on the accelerator if there is one; word2vec, whose tables live in
     host memory, passes `cpu=True` so that its collectives run over gloo on GPU machines too.
+    `mixed_precision` is "no", "bf16" or "auto" (`resolve_precision`).
     `log_with` names the trackers (`impl.log_with`); a missing tracker package is an InputError here,
     before the run starts."""
     from accelerate import Accelerator
@@ -55,9 +76,10 @@ def start_accelerator(
 
     if cpu is None:
         cpu = not torch.accelerator.is_available() or _asked_for_cpu()
+    device_type = "cpu" if cpu else torch.accelerator.current_accelerator().type
     return Accelerator(
         cpu=cpu,
-        mixed_precision=mixed_precision,
+        mixed_precision=resolve_precision(mixed_precision, device_type),
         project_dir=run_dir,
         log_with=trackers(log_with, run_dir),
         # DDP's gradients live in its all-reduce buckets instead of in a second copy beside them (for

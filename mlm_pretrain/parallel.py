@@ -63,7 +63,7 @@ def parallelize(objective: torch.nn.Module, impl, accelerator) -> torch.nn.Modul
         )
 
     objective.to(accelerator.device)
-    bf16_on_gpu = impl.mixed_precision == "bf16" and accelerator.device.type == "cuda"
+    bf16_on_gpu = accelerator.mixed_precision == "bf16" and accelerator.device.type == "cuda"
     policy = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_on_gpu else None
     )

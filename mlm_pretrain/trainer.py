@@ -27,6 +27,7 @@ import torch
 import yaml
 
 from mlm_pretrain.errors import InputError
+from mlm_pretrain.launch import PRECISIONS
 from mlm_pretrain.models import ModelRecipe
 from mlm_pretrain.objectives.mlm import MaskingConfig
 from mlm_pretrain.objectives.word2vec import Word2VecConfig
@@ -59,7 +60,8 @@ class ImplRecipe:
     """Settings that change how a run goes, never what it learns (Cramming's `impl`)."""
 
     out: str = "runs/pretrain"
-    mixed_precision: str = "no"  # "bf16" runs autocast in bfloat16, on CPU too
+    # "bf16" runs autocast in bfloat16, on CPU too; "auto": bf16 where the hardware has it, else fp32
+    mixed_precision: str = "no"
     compile: bool = False  # torch.compile each encoder layer and the MLM head (worth it with bf16)
     parallel: str = "ddp"  # ddp | fsdp: how the model is spread over processes (see parallel.py)
     activation_checkpointing: bool = False  # recompute each encoder layer in backward: less memory
@@ -78,6 +80,10 @@ class ImplRecipe:
     push_every: int = 0
 
     def __post_init__(self) -> None:
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(
+                f"impl.mixed_precision {self.mixed_precision!r} unknown; valid: {', '.join(PRECISIONS)}"
+            )
         if self.parallel not in PARALLELS:
             raise ValueError(f"impl.parallel {self.parallel!r} unknown; valid: {', '.join(PARALLELS)}")
         from mlm_pretrain.run_log import check_tracker_names
@@ -192,10 +198,12 @@ def pretrain(recipe: PretrainRecipe) -> dict:
     tokens_per_step = optim.batch_size * recipe.data.seq_len  # training blocks are never padded
     if accelerator.is_main_process:
         log.info(
-            "%s: %.2fM parameters on %s, %d processes x %d blocks x %d accumulation steps, %d tokens/step",
-            recipe.model.type,
+            "%s: %.2fM parameters on %s (precision %s), %d processes x %d blocks x %d accumulation steps, "
+            "%d tokens/step",
+            model.config.model_type,
             count_parameters(model) / 1e6,
             accelerator.device,
+            accelerator.mixed_precision,
             world,
             micro,
             batches.accumulation,

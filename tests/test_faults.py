@@ -364,6 +364,20 @@ def test_a_word_yaml_reads_as_a_boolean_stays_a_word_for_a_text_key():
     assert recipe.impl.mixed_precision == "no" and recipe.impl.compile is False
 
 
+def test_mixed_precision_auto_is_bf16_only_where_the_hardware_computes_in_it(monkeypatch):
+    import torch
+
+    from mlm_pretrain.launch import resolve_precision
+
+    assert resolve_precision("bf16", "cpu") == "bf16" and resolve_precision("no", "cuda") == "no"
+    for avx512_bf16, amx, expected in [(False, False, "no"), (True, False, "bf16"), (False, True, "bf16")]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert resolve_precision("auto", "cpu") == expected
+    with pytest.raises(InputError, match=r"impl.mixed_precision 'fp16' unknown; valid: no, bf16, auto"):
+        load_recipe(PretrainRecipe, TINY_RECIPE, ["impl.mixed_precision=fp16"])
+
+
 def test_a_repeated_preemption_signal_keeps_the_checkpointing_stop_and_a_second_ctrl_c_stops_at_once():
     import signal
 

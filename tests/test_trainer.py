@@ -202,3 +202,28 @@ def test_a_minutes_budget_holds_for_the_whole_run_evaluations_included(tmp_path)
     assert time.time() - started < 45  # 6 s of budget, the interpreter's start, the final export
     state = json.loads((latest_checkpoint(tmp_path) / "trainer_state.json").read_text())
     assert 6 <= state["elapsed"] < 6 + 10  # stopped at the first step past the budget
+
+
+def test_the_continued_pretraining_recipe_carries_on_from_the_checkpoint(tiny_checkpoint, tmp_path):
+    """recipes/continue-on-task.yaml as the README runs it: MLM continued from a checkpoint on a task's
+    training sentences. The export is the checkpoint's architecture, moved a little from its weights, not
+    a fresh model."""
+    task = ROOT / "tests" / "data" / "tasks" / "rt_sentiment"
+    cmd = [
+        sys.executable, "-m", "mlm_pretrain", "pretrain",
+        "--recipe", str(ROOT / "recipes/continue-on-task.yaml"),
+        f"model.init_from={tiny_checkpoint}", f"data.tokenizer={tiny_checkpoint}",
+        "--corpus", str(task / "train.jsonl"), "--validation", str(task / "validation.jsonl"),
+        "--out", str(tmp_path / "run"), "--max-steps", "4", "data.seq_len=32", "optim.batch_size=8",
+        "optim.micro_batch_size=8", "eval_every=4", "save_every=4", "impl.progress=false",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = load_file(tiny_checkpoint / "model.safetensors")
+    after = load_file(tmp_path / "run" / "final" / "model.safetensors")
+    assert set(after) <= set(before)
+    assert any(not torch.equal(after[name], before[name]) for name in after)
+    embeddings = "bert.embeddings.word_embeddings.weight"
+    moved = (after[embeddings] - before[embeddings]).norm() / before[embeddings].norm()
+    assert 0 < moved < 0.2  # a fresh initialisation would be ~1.4 away
+    assert [step for step, _ in records(tmp_path / "run", "eval_loss")] == [4]

@@ -1,6 +1,6 @@
 """The checkpoint in other people's code (issue 13, item 4): fine-tune an export with plain
 `transformers.Trainer` + `AutoModelForSequenceClassification` and nothing of this project, the way the
-Hugging Face text-classification tutorial does (dynamic padding with `DataCollatorWithPadding`, evaluation
+Hugging Face text-classification tutorial does (dynamic padding with `DataCollatorWithPadding`, length-grouped batches, evaluation
 every epoch, the best epoch by validation accuracy restored at the end), then score the test split.
 
     python bench/bench_plain_trainer.py --model runs/cram30/final --lr 3e-4 --seeds 3
@@ -72,7 +72,7 @@ def main() -> None:
                 save_total_limit=1,
                 load_best_model_at_end=True,
                 metric_for_best_model="accuracy",
-                group_by_length=True,
+                train_sampling_strategy="group_by_length",
                 report_to=[],
                 use_cpu=True,
                 seed=seed,

@@ -1,7 +1,8 @@
 """The checkpoint in other people's code (issue 13, item 4): fine-tune an export with plain
 `transformers.Trainer` + `AutoModelForSequenceClassification` and nothing of this project, the way the
-Hugging Face text-classification tutorial does (dynamic padding with `DataCollatorWithPadding`, length-grouped batches, evaluation
-every epoch, the best epoch by validation accuracy restored at the end), then score the test split.
+Hugging Face text-classification tutorial does (dynamic padding with `DataCollatorWithPadding`,
+length-grouped batches, evaluation every epoch, the best epoch by validation accuracy restored at the end),
+then score the test split.
 
     python bench/bench_plain_trainer.py --model runs/cram30/final --lr 3e-4 --seeds 3
 

@@ -232,9 +232,13 @@ def test_evaluation_matches_gensims_own(trained):
     kv.add_vectors(vectors.words, vectors.vectors)
     for name in ("wordsim353.tsv", "simlex999.txt"):
         path = str(EVAL_DIR / name)
-        _, spearman, oov_ratio = kv.evaluate_word_pairs(path)
+        pearson, spearman, oov_ratio = kv.evaluate_word_pairs(path)
         ours = evaluate_word_pairs(vectors, path)
-        assert ours["spearman"] == pytest.approx(spearman.statistic, abs=1e-6)
+        # gensim ranks float32 cosines, ours float64: for these barely trained vectors many pairs are near
+        # ties, and float32 rounding (which differs between AVX2 and AVX-512 machines) swaps some of their
+        # ranks (0.003 of Spearman on an AMD EPYC); Pearson, which has no ranks, shows the same cosines
+        assert ours["pearson"] == pytest.approx(pearson.statistic, abs=1e-5)
+        assert ours["spearman"] == pytest.approx(spearman.statistic, abs=0.01)
         assert ours["oov"] / (ours["oov"] + ours["pairs"]) * 100 == pytest.approx(oov_ratio)
     path = str(EVAL_DIR / "questions-words.txt")
     accuracy, sections = kv.evaluate_word_analogies(path, restrict_vocab=2000)

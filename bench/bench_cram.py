@@ -111,8 +111,8 @@ def table(out: Path, tasks: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6))
-    for ax, t in zip(axes if len(tasks) > 1 else [axes], tasks, strict=True):
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, t in zip(axes[0], tasks, strict=True):
         done = [n for n in names if t in rows[n] and minutes(n) != float("inf")]
         xs = [minutes(n) for n in done]
         med = [rows[n][t][0] for n in done]
@@ -123,7 +123,7 @@ def table(out: Path, tasks: list[str]) -> None:
         ax.set_title(t)
         ax.set_xlabel("pretraining minutes on 2 cores (0 = random init)")
         ax.set_ylabel("test F1" if t == "sms_spam" else "test accuracy")
-    axes[0].legend(fontsize=7) if len(tasks) > 1 else axes.legend(fontsize=7)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "cram_finetune.png", dpi=110)
     print(f"wrote {out / 'cram_finetune.png'}")

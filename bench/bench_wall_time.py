@@ -24,6 +24,9 @@ or side by side, one pinned core each (both sides under the same load), then sco
     taskset -c 1 python bench/bench_wall_time.py --side hf --minutes-one 10 --lr 5e-4 --threads 1 \
         --run runs/wall-time/hf-10min-lr0.0005 --config runs/cram10/final/config.json; wait
     python bench/bench_wall_time.py --ours 10=runs/cram10-1core --minutes 10 --lrs 5e-4 --threads 1
+
+`--score EXPORT ...` only scores exports, on the validation text and evaluation settings of
+`--score-recipe` (e.g. recipes/continue-on-task.yaml: the task's own validation sentences).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_DATA, ROOT, machine  # noqa: E402
 
 TOKENIZER = ROOT / "tokenizers" / "shared-wordpiece-16k"
+CRAM = ROOT / "recipes" / "cpu-cram.yaml"
 
 
 def hf_side(args: argparse.Namespace) -> None:
@@ -152,25 +156,27 @@ def hf_side(args: argparse.Namespace) -> None:
     (Path(args.run) / "hf_result.json").write_text(json.dumps(figures, indent=2) + "\n")
 
 
-def score(export: Path, data: Path) -> dict:
-    """The trainer's own evaluator on an export: mask 0.15, the fixed evaluation masks, 512 blocks."""
+def score(export: Path, recipe_path: Path, overrides: list[str] = ()) -> dict:
+    """The trainer's own evaluator on an export, with the validation text and evaluation settings of a
+    recipe (fixed evaluation masks at `mlm.eval_mask_rate`)."""
     from accelerate import Accelerator
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from mlm_pretrain.batches import TokenInfo
     from mlm_pretrain.objectives.mlm import SparseMLM
+    from mlm_pretrain.packing import TokenInfo
     from mlm_pretrain.recipe import load_recipe
     from mlm_pretrain.trainer import PretrainRecipe, evaluate
 
-    recipe = load_recipe(
-        PretrainRecipe,
-        ROOT / "recipes" / "cpu-cram.yaml",
-        [f"data.validation=[{data / 'validation' / 'corpus_validation.jsonl'}]", "impl.eval_blocks=512"],
-    )
+    recipe = load_recipe(PretrainRecipe, recipe_path, list(overrides))
     tokenizer = AutoTokenizer.from_pretrained(export)
     model = AutoModelForMaskedLM.from_pretrained(export, attn_implementation="sdpa")
-    accelerator = Accelerator(cpu=True)
-    return evaluate(SparseMLM(model), recipe, tokenizer, TokenInfo(tokenizer), accelerator)
+    return evaluate(SparseMLM(model), recipe, tokenizer, TokenInfo(tokenizer), Accelerator(cpu=True))
+
+
+def score_on_corpus_validation(export: Path, data: Path) -> dict:
+    """Both sides' one evaluator: the shared validation text, mask 0.15, 512 blocks."""
+    validation = data / "validation" / "corpus_validation.jsonl"
+    return score(export, CRAM, [f"data.validation=[{validation}]", "impl.eval_blocks=512"])
 
 
 def ours_figures(run: Path) -> dict:
@@ -190,12 +196,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--out", default=str(ROOT / "runs" / "wall-time"))
+    parser.add_argument(
+        "--score",
+        nargs="+",
+        metavar="EXPORT",
+        help="only score these exports, on --score-recipe's validation",
+    )
+    parser.add_argument("--score-recipe", default=str(CRAM))
     parser.add_argument("--side", choices=["hf"], help=argparse.SUPPRESS)
     parser.add_argument("--minutes-one", dest="one", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.score:
+        for export in args.score:
+            print(export, json.dumps(score(Path(export), Path(args.score_recipe))))
+        return
     if args.side == "hf":
         args.minutes = args.one
         hf_side(args)
@@ -215,7 +232,14 @@ def main() -> None:
     for minutes, run in sorted(ours.items()):
         name = f"ours {minutes:g} min"
         if name not in results and (run / "final" / "model.safetensors").exists():
-            record(name, {"minutes": minutes, **ours_figures(run), **score(run / "final", Path(args.data))})
+            record(
+                name,
+                {
+                    "minutes": minutes,
+                    **ours_figures(run),
+                    **score_on_corpus_validation(run / "final", Path(args.data)),
+                },
+            )
 
     for index, minutes in enumerate(args.minutes):
         if index == 0:
@@ -246,7 +270,7 @@ def main() -> None:
                     "minutes": minutes,
                     "lr": lr,
                     **figures,
-                    **score(run / "final", Path(args.data)),
+                    **score_on_corpus_validation(run / "final", Path(args.data)),
                 },
             )
 

@@ -80,12 +80,17 @@ def table(out: Path, tasks: list[str]) -> None:
             baselines[result["task"]] = result["baseline"]["scores"]["test"]["score"]
 
     def minutes(name: str) -> float:
-        """Pretraining minutes of a cram checkpoint (0: random init); other checkpoints (--also) sort last."""
+        """Pretraining minutes of a cram checkpoint, `cram<M>` or a variant `cram<M>-<what>` (0: random
+        init); other checkpoints (--also) sort last."""
         if name == RANDOM:
             return 0.0
-        return float(name.removeprefix("cram")) if name.removeprefix("cram").isdigit() else float("inf")
+        head = name.removeprefix("cram").split("-", 1)[0]
+        return float(head) if name.startswith("cram") and head.isdigit() else float("inf")
 
-    names = sorted(rows, key=minutes)
+    def variant(name: str) -> str:
+        return name.split("-", 1)[1] if name.startswith("cram") and "-" in name else ""
+
+    names = sorted(rows, key=lambda n: (minutes(n), variant(n)))
     print(machine())
     print("| checkpoint | " + " | ".join(f"{t}: median [min-max] (lr)" for t in tasks) + " |")
     print("|---|" + "---|" * len(tasks))
@@ -98,6 +103,7 @@ def table(out: Path, tasks: list[str]) -> None:
             else:
                 cells.append("not run")
         label = name if minutes(name) == float("inf") else f"cpu-cram, {minutes(name):g} min"
+        label = f"{label} + {variant(name)}" if variant(name) else label
         label = "random initialisation (0 min)" if name == RANDOM else label
         print(f"| {label} | " + " | ".join(cells) + " |")
     print(
@@ -113,11 +119,26 @@ def table(out: Path, tasks: list[str]) -> None:
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, t in zip(axes[0], tasks, strict=True):
-        done = [n for n in names if t in rows[n] and minutes(n) != float("inf")]
-        xs = [minutes(n) for n in done]
-        med = [rows[n][t][0] for n in done]
-        err = [[rows[n][t][0] - rows[n][t][1] for n in done], [rows[n][t][2] - rows[n][t][0] for n in done]]
-        ax.errorbar(xs, med, yerr=err, marker="o", capsize=4, label="fine-tuned encoder (median, seed range)")
+        for kind in sorted({variant(n) for n in names}):
+            done = [n for n in names if t in rows[n] and minutes(n) != float("inf") and variant(n) == kind]
+            if not done:
+                continue
+            xs = [minutes(n) for n in done]
+            med = [rows[n][t][0] for n in done]
+            err = [
+                [med[i] - rows[n][t][1] for i, n in enumerate(done)],
+                [rows[n][t][2] - med[i] for i, n in enumerate(done)],
+            ]
+            label = f"+ {kind}" if kind else "fine-tuned encoder (median, seed range)"
+            ax.errorbar(
+                xs,
+                med,
+                yerr=err,
+                marker="o" if not kind else "s",
+                capsize=4,
+                linestyle="-" if not kind else "none",
+                label=label,
+            )
         if t in baselines:
             ax.axhline(baselines[t], color="gray", linestyle="--", label="TF-IDF + logistic regression")
         ax.set_title(t)
@@ -146,7 +167,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2, help="fine-tuning jobs at a time, one thread each")
     parser.add_argument("--out", default=str(ROOT / "runs"))
     parser.add_argument(
-        "--also", nargs="+", default=[], metavar="NAME=DIR", help="more checkpoints to fine-tune the same way"
+        "--also",
+        nargs="+",
+        default=[],
+        metavar="NAME=DIR",
+        help="more checkpoints to fine-tune the same way; a NAME cram<M>-<what> (cram30-w2v) is drawn at M "
+        "minutes as a marker of its own",
     )
     parser.add_argument("--table", action="store_true", help="only print the table and draw the PNG")
     args = parser.parse_args()

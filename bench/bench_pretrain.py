@@ -1,9 +1,10 @@
 """Pretraining throughput: `mlm-pretrain pretrain` against the HF Trainer path a user would otherwise run.
 
 The peer is `run_mlm.py` style: `BertForMaskedLM` + `DataCollatorForLanguageModeling(mlm_probability=0.15)` +
-`transformers.Trainer`. Both sides train the same model (BERT, hidden 256, 4 layers, 4 heads, intermediate
-1024, seq 128, batch 32) from the same initial weights, with a 30,522-token WordPiece tokenizer trained on the
-shared corpus (where the vocabulary head dominates a model this small), on the same 128-token blocks (ours
+`transformers.Trainer`. Both sides train the same model (BERT, by default 4 layers of 256 with 4 heads and
+intermediate 1024, seq 128, batch 32; `--shapes LxH`, `--seq-lens`, `--batches` sweep how cost grows, heads
+H/64 and intermediate 4H) from the same initial weights, with a 30,522-token WordPiece tokenizer trained on
+the shared corpus (where the vocabulary head dominates a model this small), on the same blocks (ours
 streams them; the peer gets the very blocks our stream yields, pre-tokenized in a `datasets.Dataset`, in its
 own shuffled order), with the same optimiser settings and schedule. Ours is the real command:
 `mlm_pretrain.cli.main(["pretrain", ...])` in a child process, timed from its `metrics.jsonl`.
@@ -22,11 +23,16 @@ best `torch.matmul` rate of the same precision measured in the same round.
 
     python bench/bench_pretrain.py                         # both settings, 3 rounds
     python bench/bench_pretrain.py --settings fp32 --rounds 2 --steps 20
+    python bench/bench_pretrain.py --settings fp32 --shapes 2x128 4x256 8x512 12x768 --json runs/growth.json
+    python bench/bench_pretrain.py --plot runs/growth.json  # tokens/s and peak RSS per configuration, a PNG
+
+Every configuration's figures are added to `--json` as it finishes (a rerun skips those there).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -38,33 +44,43 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_DATA, ROOT, report, run_side, table  # noqa: E402
+from _common import DEFAULT_DATA, ROOT, machine, report, run_side, table  # noqa: E402
 
 SETTINGS = {  # name: (impl.mixed_precision, compile)
     "fp32": ("no", False),
     "bf16-compile": ("bf16", True),
 }
-BATCH, SEQ_LEN = 32, 128
+
+
+def precisions(settings: list[str]) -> list[str]:
+    return sorted({"bf16" if SETTINGS[s][0] == "bf16" else "fp32" for s in settings}, reverse=True)
+
+
+def shape(text: str) -> tuple[int, int]:
+    """ "4x256" -> (4 layers, hidden 256)."""
+    layers, _, hidden = text.partition("x")
+    return int(layers), int(hidden)
 
 
 def recipe_overrides(args: argparse.Namespace, setting: str) -> list[str]:
     """The recipe both sides follow, as `mlm-pretrain pretrain` key=value overrides."""
     precision, compile_ = SETTINGS[setting]
     data = Path(args.data)
+    layers, hidden = shape(args.shape)
     return [
         f"data.corpus=['{data / 'corpus'}']",
         f"data.validation=['{data / 'validation' / 'corpus_validation.jsonl'}']",
         f"data.tokenizer={args.tokenizer}",
-        f"data.seq_len={SEQ_LEN}",
+        f"data.seq_len={args.seq_len}",
         "model.type=bert",
-        "model.hidden_size=256",
-        "model.num_layers=4",
-        "model.num_heads=4",
-        "model.intermediate_size=1024",
+        f"model.hidden_size={hidden}",
+        f"model.num_layers={layers}",
+        f"model.num_heads={max(hidden // 64, 2)}",
+        f"model.intermediate_size={4 * hidden}",
         "mlm.mask_rate=0.15",
         "mlm.masking=token",
-        f"optim.batch_size={BATCH}",
-        f"optim.micro_batch_size={BATCH}",
+        f"optim.batch_size={args.batch}",
+        f"optim.micro_batch_size={args.batch}",
         f"max_steps={args.warmup + args.steps}",
         f"impl.mixed_precision='{precision}'",  # quoted: YAML reads a bare no as false
         f"impl.compile={str(compile_).lower()}",
@@ -89,7 +105,8 @@ def load(args: argparse.Namespace, setting: str = "fp32"):
 class Clock:
     """Wall-clock and CPU time (this process, all threads) at the end of every training step."""
 
-    def __init__(self) -> None:
+    def __init__(self, tokens_per_step: int) -> None:
+        self.tokens_per_step = tokens_per_step
         self.wall: list[float] = []
         self.cpu: list[float] = []
 
@@ -99,7 +116,7 @@ class Clock:
 
     def speeds(self, warmup: int) -> dict:
         """Tokens per second and per CPU-second over the steps after the first `warmup`."""
-        tokens = (len(self.wall) - warmup) * BATCH * SEQ_LEN
+        tokens = (len(self.wall) - warmup) * self.tokens_per_step
         return {
             "tokens_per_s": tokens / (self.wall[-1] - self.wall[warmup - 1]),
             "tokens_per_cpu_s": tokens / (self.cpu[-1] - self.cpu[warmup - 1]),
@@ -112,7 +129,7 @@ def side_ours(args: argparse.Namespace) -> dict:
     from mlm_pretrain.run_log import RunLog
 
     # the loop logs every step (impl.log_every=1): read both clocks there, as the peer's on_step_end does
-    clock = Clock()
+    clock = Clock(args.batch * args.seq_len)
     log = RunLog.log
 
     def log_and_clock(self, step: int, **metrics: float) -> None:
@@ -158,7 +175,7 @@ def side_hf(args: argparse.Namespace) -> dict:
     )
     model = BertForMaskedLM.from_pretrained(Path(args.work) / "init")
 
-    clock = Clock()
+    clock = Clock(args.batch * args.seq_len)
 
     class StepClock(TrainerCallback):
         def on_step_end(self, *_, **__) -> None:
@@ -166,7 +183,7 @@ def side_hf(args: argparse.Namespace) -> dict:
 
     training_args = TrainingArguments(
         output_dir=str(Path(args.work) / f"hf-{args.setting}-{args.round}"),
-        per_device_train_batch_size=BATCH,
+        per_device_train_batch_size=args.batch,
         max_steps=args.warmup + args.steps,
         learning_rate=optim.lr,
         lr_scheduler_type="linear",
@@ -199,12 +216,15 @@ def side_hf(args: argparse.Namespace) -> dict:
 
 
 def side_ceiling(args: argparse.Namespace) -> dict:
-    """The best rate of a large fp32 and bf16 `torch.matmul` on this machine now, in GFLOP/s."""
+    """The best rate of a large `torch.matmul` on this machine now, in GFLOP/s, in each precision that
+    `--settings` trains in (a CPU without bf16 instructions takes many minutes for one bf16 product)."""
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
     n, out = 2048, {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        if name not in precisions(args.settings):
+            continue
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         torch.matmul(a, b)
         best = float("inf")
@@ -260,7 +280,7 @@ def prepare(args: argparse.Namespace) -> dict:
     stream = BlockStream(
         documents, tokenizer, recipe.data.seq_len, shuffle_buffer=recipe.data.shuffle_buffer, seed=recipe.seed
     )
-    count = (args.warmup + args.steps) * BATCH
+    count = (args.warmup + args.steps) * args.batch
     blocks = np.stack([block for _, block in zip(range(count), stream, strict=False)])
     np.save(Path(args.work) / "blocks.npy", blocks)
 
@@ -297,39 +317,85 @@ def main() -> None:
     parser.add_argument("--data", default=DEFAULT_DATA, help="the shared data directory [../shared/data]")
     parser.add_argument("--tokenizer", default="/tmp/tok30k", help="30k WordPiece dir (trained if missing)")
     parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--shapes", nargs="+", default=["4x256"], help="model sizes, LAYERSxHIDDEN")
+    parser.add_argument("--seq-lens", nargs="+", type=int, default=[128])
+    parser.add_argument("--batches", nargs="+", type=int, default=[32], help="blocks per step")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=25, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
+    parser.add_argument("--json", help="add each configuration's figures to this file; skip those there")
+    parser.add_argument("--plot", metavar="JSON", help="only draw tokens/s and peak RSS of a --json file")
     parser.add_argument("--side", choices=["ours", "hf", "ceiling"], help=argparse.SUPPRESS)
     parser.add_argument("--setting", help=argparse.SUPPRESS)
     parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--shape", help=argparse.SUPPRESS)
+    parser.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.warmup < 1:
         parser.error("--warmup must be at least 1")
+    if args.plot:
+        plot(json.loads(Path(args.plot).read_text()), Path(args.plot).with_suffix(".png"))
+        return
     if args.side:
         report({"ours": side_ours, "hf": side_hf, "ceiling": side_ceiling}[args.side](args))
         return
 
-    started = time.perf_counter()
+    print(machine(), flush=True)
     ensure_tokenizer(args)
-    args.work = tempfile.mkdtemp(prefix="bench_pretrain_")
-    try:
-        prep = prepare(args)
-        results = run_rounds(args)
-    finally:
-        shutil.rmtree(args.work, ignore_errors=True)
-    print_results(args, prep, results, time.perf_counter() - started)
+    saved = json.loads(Path(args.json).read_text()) if args.json and Path(args.json).exists() else {}
+    for size, seq_len, batch in itertools.product(args.shapes, args.seq_lens, args.batches):
+        args.shape, args.seq_len, args.batch = size, seq_len, batch
+        name = f"{args.shape} seq {args.seq_len} batch {args.batch}"
+        if all(f"{name} {setting}" in saved for setting in args.settings):
+            continue
+        started = time.perf_counter()
+        args.work = tempfile.mkdtemp(prefix="bench_pretrain_")
+        try:
+            prep = prepare(args)
+            results = run_rounds(args)
+        finally:
+            shutil.rmtree(args.work, ignore_errors=True)
+        rows = print_results(args, prep, results, time.perf_counter() - started)
+        for setting, row in zip(args.settings, rows, strict=True):
+            saved[f"{name} {setting}"] = {
+                "shape": args.shape, "seq_len": args.seq_len, "batch": args.batch, "setting": setting,
+                **dict(zip(SUMMARY, row[1:], strict=True)), "machine": machine(),
+            }  # fmt: skip
+        if args.json:
+            Path(args.json).write_text(json.dumps(saved, indent=2) + "\n")
+    if len(saved) > 1:
+        print(
+            table(
+                ["configuration", *SUMMARY], [[name, *(r[k] for k in SUMMARY)] for name, r in saved.items()]
+            )
+        )
+
+
+SUMMARY = [
+    "ours tok/s",
+    "HF tok/s",
+    "ratio (range)",
+    "per CPU-s",
+    "ours RSS MB",
+    "HF RSS MB",
+    "ours MFU",
+    "HF MFU",
+]
 
 
 def run_rounds(args: argparse.Namespace) -> dict:
     common = [
         "--data", args.data, "--tokenizer", args.tokenizer, "--work", args.work,
         "--steps", str(args.steps), "--warmup", str(args.warmup),
+        "--shape", args.shape, "--seq-len", str(args.seq_len), "--batch", str(args.batch),
     ]  # fmt: skip
     results: dict = {"ceiling": [], **{(s, side): [] for s in args.settings for side in ("ours", "hf")}}
     for round_ in range(args.rounds):
-        results["ceiling"].append(run_side("bench_pretrain.py", "ceiling", common))
+        results["ceiling"].append(
+            run_side("bench_pretrain.py", "ceiling", [*common, "--settings", *args.settings])
+        )
         for setting in args.settings:
             order = ("ours", "hf") if round_ % 2 == 0 else ("hf", "ours")
             for side in order:
@@ -347,9 +413,10 @@ def run_rounds(args: argparse.Namespace) -> dict:
     return results
 
 
-def print_results(args: argparse.Namespace, prep: dict, results: dict, seconds: float) -> None:
+def print_results(args: argparse.Namespace, prep: dict, results: dict, seconds: float) -> list[list]:
+    """Print one configuration's tables; return its rows (one per setting) in SUMMARY's order."""
     # a ceiling: the best of all rounds (a round under other people's load measures them, not the machine)
-    ceiling = {p: max(r[f"{p}_gflops"] for r in results["ceiling"]) for p in ("fp32", "bf16")}
+    ceiling = {p: max(r[f"{p}_gflops"] for r in results["ceiling"]) for p in precisions(args.settings)}
     flops = prep["flops_per_token"]
     rows, losses = [], []
     for setting in args.settings:
@@ -378,12 +445,12 @@ def print_results(args: argparse.Namespace, prep: dict, results: dict, seconds: 
             losses.append([setting, side, *(curve[i - 1] for i in marks), statistics.mean(curve[-10:])])
     print()
     print(
-        f"BERT 4x256 (intermediate 1024), vocab {prep['vocab']:,}, batch {BATCH} x {SEQ_LEN} tokens; "
+        f"BERT {args.shape}, vocab {prep['vocab']:,}, batch {args.batch} x {args.seq_len} tokens; "
         f"{args.rounds} rounds, {args.steps} timed steps per run after {args.warmup}; medians over rounds"
     )
     print(
         f"matmul ceiling (2048^3, best of 5 in each of {args.rounds} rounds): "
-        f"fp32 {ceiling['fp32']:,.0f} GFLOP/s, bf16 {ceiling['bf16']:,.0f} GFLOP/s"
+        + ", ".join(f"{p} {gflops:,.0f} GFLOP/s" for p, gflops in ceiling.items())
     )
     print(
         f"FLOPs/token: ours {flops['ours'] / 1e6:.1f}M (head at {100 * prep['masked_fraction']:.1f}% of "
@@ -402,7 +469,37 @@ def print_results(args: argparse.Namespace, prep: dict, results: dict, seconds: 
         f"SparseMLM loss/masked {prep['sparse_loss']:.6f}, "
         f"HF BertForMaskedLM dense loss {prep['dense_loss']:.6f}"
     )
-    print(f"bench took {seconds / 60:.1f} minutes")
+    print(f"configuration took {seconds / 60:.1f} minutes")
+    return rows
+
+
+def plot(saved: dict, png: Path) -> None:
+    """Tokens/s and peak RSS of both sides, one bar pair per configuration and setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(saved)
+    x = range(len(names))
+    figure, axes = plt.subplots(2, 1, figsize=(max(6, 1.2 * len(names)), 7), sharex=True)
+    for axis, (ours, hf, label) in zip(
+        axes,
+        [("ours tok/s", "HF tok/s", "tokens/s"), ("ours RSS MB", "HF RSS MB", "peak RSS (MB)")],
+        strict=True,
+    ):
+        axis.bar([i - 0.2 for i in x], [saved[n][ours] for n in names], 0.4, label="mlm-pretrain")
+        axis.bar([i + 0.2 for i in x], [saved[n][hf] for n in names], 0.4, label="HF Trainer (run_mlm path)")
+        axis.set_ylabel(label)
+        axis.set_yscale("log")
+        axis.legend()
+    axes[1].set_xticks(
+        list(x), [n.replace(" seq", "\nseq").replace(" batch", "\nbatch") for n in names], fontsize=7
+    )
+    figure.suptitle(saved[names[0]]["machine"].split(";")[0], fontsize=8)
+    figure.tight_layout()
+    figure.savefig(png, dpi=120)
+    print(f"wrote {png}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Our torch word2vec against gensim's Word2Vec on the same corpus, tokens and settings, in one run.
 
     python bench/bench_word2vec.py [--data ../shared/data] [--epochs 5] [--repeats 1] [--objective skipgram]
+    python bench/bench_word2vec.py --sides ours ours-per-pair gensim   # shared noise words or per pair
 
 Each side trains in its own subprocess (so peak RSS is its own), the sides alternate within each repeat,
 and the medians are printed. Both sides get the same documents (a line of a .txt / .txt.gz file, a line
@@ -8,6 +9,8 @@ of the `text` of a .jsonl.gz record) split by `split_words`; gensim gets them as
 lists (iterable input) and its tokenization is not timed, ours tokenizes inside `train` and is timed.
 Words/s counts effective words (gensim's definition: words left after min_count pruning and subsampling)
 over the wall time of the training call alone (the vocabulary pass is excluded on both sides).
+`ours` shares a center's noise words across its context words (the default, `shared_negatives`);
+`ours-per-pair` draws them per (center, context) pair, as gensim does.
 Each side's vectors are scored by our evaluation; gensim's own evaluation functions are run on the same
 vectors and the largest difference between the two is printed.
 """
@@ -24,7 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, direction, machine  # noqa: E402
+
+SIDES = ("ours", "ours-per-pair", "gensim")
 
 
 def read_documents(corpus_dir: Path) -> list[str]:
@@ -62,8 +68,13 @@ def child(args: argparse.Namespace) -> None:
 
     eval_dir = Path(str(EVAL_DIR))
     documents = read_documents(Path(args.data) / "corpus")
-    config = Word2VecConfig(objective=args.objective, epochs=args.epochs, batch_size=args.batch_size)
-    if args.child == "ours":
+    config = Word2VecConfig(
+        objective=args.objective,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        shared_negatives=args.child != "ours-per-pair",
+    )
+    if args.child != "gensim":
         model = Word2Vec.from_documents(documents, config)
         start = time.perf_counter()
         model.train(documents, workers=args.workers)
@@ -117,14 +128,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--child", choices=["ours", "gensim"], help=argparse.SUPPRESS)
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=["ours", "gensim"])
+    parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
 
-    results: dict[str, list[dict]] = {"ours": [], "gensim": []}
+    results: dict[str, list[dict]] = {side: [] for side in args.sides}
     for repeat in range(args.repeats):
-        for side in ("ours", "gensim") if repeat % 2 == 0 else ("gensim", "ours"):
+        for side in args.sides if repeat % 2 == 0 else reversed(args.sides):
             command = [sys.executable, __file__, "--child", side] + sys.argv[1:]
             out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
             result = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
@@ -147,7 +159,11 @@ def main() -> None:
     print(f"{'':22}" + "".join(f"{k:>22}" for k in keys))
     for side in results:
         print(f"{side:22}" + "".join(f"{median(side, k):22.4g}" for k in keys))
-    print(f"speed ratio ours/gensim: {median('ours', 'words_per_s') / median('gensim', 'words_per_s'):.2f}x")
+    print(machine())
+    if "gensim" in results:
+        for side in set(results) - {"gensim"}:
+            ratio = median(side, "words_per_s") / median("gensim", "words_per_s")
+            print(f"{side}: {direction(ratio, 'gensim')} (words/s)")
 
 
 if __name__ == "__main__":

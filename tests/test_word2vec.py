@@ -142,6 +142,31 @@ def test_update_is_lr_times_the_gradient_of_the_negative_sampling_likelihood(obj
     torch.testing.assert_close(model.syn0 - before0, expected)
 
 
+def test_per_pair_update_is_lr_times_the_gradient_with_each_pairs_own_noise_words():
+    docs = ["a b c d e f g"] * 2
+    model = Word2Vec.from_documents(docs, Word2VecConfig(min_count=1, vector_size=8, shared_negatives=False))
+    generator = torch.Generator().manual_seed(0)
+    model.syn0.normal_(0, 0.3, generator=generator)
+    model.syn1neg.normal_(0, 0.3, generator=generator)
+    context = torch.tensor([[1, 2, 3], [0, 2, 5]])
+    valid = torch.tensor([[True, False, True], [True, True, True]])
+    noise = torch.tensor(
+        [[[3, 4], [5, 6], [0, 6]], [[1, 2], [4, 1], [3, 3]]]
+    )  # the second center draws itself
+    centers = torch.tensor([0, 1])
+    targets = torch.cat([centers[:, None, None].expand(2, 3, 1), noise], dim=2)
+    syn0 = model.syn0.clone().requires_grad_()
+    syn1 = model.syn1neg.clone().requires_grad_()
+    sign = torch.tensor([1.0, -1.0, -1.0])
+    counted = torch.cat([torch.ones(2, 3, 1, dtype=torch.bool), noise != centers[:, None, None]], 2)
+    scores = torch.einsum("bsd,bskd->bsk", syn0[context], syn1[targets])
+    (torch.nn.functional.logsigmoid(scores * sign) * (valid[:, :, None] & counted)).sum().backward()
+    before0, before1 = model.syn0.clone(), model.syn1neg.clone()
+    model._skipgram_pair_step(context, valid, targets, 0.1)
+    torch.testing.assert_close(model.syn1neg - before1, 0.1 * syn1.grad)
+    torch.testing.assert_close(model.syn0 - before0, 0.1 * syn0.grad)
+
+
 def test_training_learns_word_similarity(trained):
     # 100k words are few: all vectors still share a direction, but the neighbours are already right
     # (of ~2,500 words, a random vector ranks ~1,250th).
@@ -156,6 +181,14 @@ def test_cbow_learns_too(austen):
     model = Word2Vec.from_documents(austen, Word2VecConfig(objective="cbow", epochs=5, min_count=3))
     model.train(lambda: iter(austen))
     assert rank(model.word_vectors(), "she", "he") < 3
+
+
+def test_per_pair_noise_words_learn_too(austen):
+    config = Word2VecConfig(epochs=3, min_count=3, seed=3, shared_negatives=False)
+    model = Word2Vec.from_documents(austen, config)
+    model.train(austen)
+    vectors = model.word_vectors()  # of ~2,500 words, a random vector ranks ~1,250th
+    assert rank(vectors, "she", "he") == 0 and rank(vectors, "mr", "mrs") == 0
 
 
 def test_resumed_training_is_bit_identical(austen, tmp_path):

@@ -10,15 +10,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "demo",
         help="the pipeline end to end on the shipped sample corpus: tokenizer, pretraining, fine-tuning",
         description="Train a WordPiece tokenizer on the sample corpus shipped in the package (Austen and "
-        "Moby Dick, public domain), pretrain the tiny BERT recipe on it for a few minutes, export the "
-        "checkpoint, fine-tune it on the shipped Rotten Tomatoes sentiment sample, and print a table: our "
-        "checkpoint against the same architecture from random initialisation and against TF-IDF + logistic "
-        "regression. Both encoders are fine-tuned by the same procedure: every learning rate of --lr with "
-        "every seed, each keeping the rate with its best median validation score. Offline, CPU, under 10 "
-        "minutes on 2 cores.",
+        "Moby Dick, public domain), pretrain a tiny encoder (the tiny recipe: 2 layers, 64 wide) on it for a "
+        "few minutes, export the checkpoint, fine-tune it on the shipped Rotten Tomatoes sentiment sample, "
+        "and print a table: our checkpoint against the same architecture from random initialisation and "
+        "against TF-IDF + logistic regression. Both encoders are fine-tuned by the same procedure: every "
+        "learning rate of --lr with every seed, each keeping the rate with its best median validation score. "
+        "Offline, CPU, under 10 minutes on 2 cores.",
     )
     p.add_argument("--out", default="runs/demo", help="directory for everything the demo writes")
     p.add_argument("--minutes", type=float, default=4.0, help="pretraining budget in minutes")
+    p.add_argument(
+        "--model-type",
+        choices=["bert", "modernbert"],
+        default="modernbert",
+        help="the tiny encoder's architecture (default modernbert: side by side with bert it reached a lower "
+        "MLM loss in the same minutes and fine-tuned better, see the README)",
+    )
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per model (median reported)")
     p.add_argument(
         "--lr",
@@ -57,12 +64,13 @@ def run(args: argparse.Namespace) -> int:
         f"{report.fertility:.2f} tokens per word"
     )
 
-    print(f"[2/4] pretraining the tiny BERT recipe for {args.minutes:g} minutes -> {out / 'pretrain'}")
+    print(f"[2/4] pretraining a tiny {args.model_type} for {args.minutes:g} minutes -> {out / 'pretrain'}")
     recipe = load_recipe(
         PretrainRecipe,
         PACKAGE_DATA / "recipes" / "tiny.yaml",
         [
             f"data.tokenizer={tokenizer_dir}",
+            f"model.type={args.model_type}",
             f"impl.out={out / 'pretrain'}",
             "max_steps=null",
             "impl.threads=1",  # a tiny model gains nothing from a second thread, and loses on a busy machine

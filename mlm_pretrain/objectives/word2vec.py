@@ -9,8 +9,9 @@ windows are built, as in word2vec, so a window reaches past them; windows never 
 Two departures, both for speed on a CPU: updates are summed over a batch of `batch_size` centers and applied
 at once (what Hogwild's threads do concurrently, done in one step), and in skip-gram the `negative` noise
 words are drawn once per center and shared by all of its context words (Ji et al. 2016, "Parallelizing
-word2vec in shared and distributed memory"), which turns each center's work into two small matrix products.
-CBOW draws its noise words per center, as word2vec does. No autograd: the gradients of the logistic loss
+word2vec in shared and distributed memory"), which turns each center's work into two small matrix products;
+`shared_negatives: false` draws them per (center, context) pair instead, as word2vec and gensim do. CBOW
+draws its noise words per center, as word2vec does. No autograd: the gradients of the logistic loss
 are written out and added to the two tables with `index_add_`.
 
 Tokens are either words (split on whitespace; optionally lowercased and with ASCII punctuation replaced by
@@ -51,7 +52,8 @@ class Word2VecConfig:
     objective: str = "skipgram"  # "skipgram" | "cbow"
     vector_size: int = 100
     window: int = 5  # the largest window; each center draws its own from 1..window
-    negative: int = 5  # noise words per center
+    negative: int = 5  # noise words per center (skip-gram: per pair when shared_negatives is false)
+    shared_negatives: bool = True  # skip-gram: one draw of noise words for all context words of a center
     min_count: int = 5  # rarer words are dropped from the vocabulary (and from the text)
     max_vocab: int = 0  # keep only the most frequent words; 0 keeps all
     sample: float = 1e-3  # subsampling threshold; 0 disables subsampling
@@ -326,8 +328,12 @@ class Word2Vec:
         if len(ids) == 0:
             return
         context, valid, reach = context_windows(ids, doc_of, cfg.window, gen)
-        noise = torch.searchsorted(self._noise_cdf, torch.rand(len(ids), cfg.negative, generator=gen))
-        targets = torch.cat([ids[:, None], noise.clamp_(max=len(self._noise_cdf) - 1)], dim=1)
+        per_pair = cfg.objective == "skipgram" and not cfg.shared_negatives
+        draws = (len(ids), 2 * cfg.window, cfg.negative) if per_pair else (len(ids), cfg.negative)
+        noise = torch.searchsorted(self._noise_cdf, torch.rand(draws, generator=gen).view(len(ids), -1))
+        noise = noise.clamp_(max=len(self._noise_cdf) - 1).view(draws)
+        centers = ids.view(-1, *([1] * (len(draws) - 1))).expand(*draws[:-1], 1)
+        targets = torch.cat([centers, noise], dim=-1)  # [N, (2 * window,) 1 + negative]
         if cfg.objective == "cbow":  # a center without any context word has nothing to predict from
             reach = reach.masked_fill(~valid.any(1), 0)
         # Centers grouped by window: a batch then holds exactly 2 * reach context slots per center instead
@@ -338,9 +344,13 @@ class Word2Vec:
             slots = slice(cfg.window - r, cfg.window + r)
             for start in range(0, len(rows), cfg.batch_size):
                 batch = rows[start : start + cfg.batch_size]
-                batches.append((context[batch, slots], valid[batch, slots], targets[batch]))
+                batch_targets = targets[batch, slots] if per_pair else targets[batch]
+                batches.append((context[batch, slots], valid[batch, slots], batch_targets))
         order = torch.randperm(len(batches), generator=gen).tolist()  # windows of all sizes at every stage
-        step = self._skipgram_step if cfg.objective == "skipgram" else self._cbow_step
+        if cfg.objective == "cbow":
+            step = self._cbow_step
+        else:
+            step = self._skipgram_pair_step if per_pair else self._skipgram_step
         total = cfg.epochs * self.vocab.total_words
 
         def run(share: list[int]) -> None:
@@ -363,6 +373,20 @@ class Word2Vec:
         grad.mul_(valid[:, :, None])
         grad_inputs = torch.bmm(grad, outputs)
         grad_outputs = torch.bmm(grad.transpose(1, 2), inputs)
+        with self._update_lock:
+            self.syn0.index_add_(0, context.reshape(-1), grad_inputs.view(-1, grad_inputs.shape[-1]))
+            self.syn1neg.index_add_(0, targets.reshape(-1), grad_outputs.view(-1, grad_outputs.shape[-1]))
+
+    def _skipgram_pair_step(
+        self, context: torch.Tensor, valid: torch.Tensor, targets: torch.Tensor, lr: float
+    ):
+        # As _skipgram_step, with noise words of each (center, context) pair its own: targets [B, S, 1 + neg]
+        inputs = F.embedding(context, self.syn0)  # [B, S, dim]
+        outputs = F.embedding(targets, self.syn1neg)  # [B, S, 1 + negative, dim]
+        grad = _logistic_gradient((outputs @ inputs[..., None]).squeeze(-1), targets, lr)
+        grad.mul_(valid[:, :, None])
+        grad_inputs = (grad[:, :, None, :] @ outputs).squeeze(2)
+        grad_outputs = grad[..., None] * inputs[:, :, None, :]
         with self._update_lock:
             self.syn0.index_add_(0, context.reshape(-1), grad_inputs.view(-1, grad_inputs.shape[-1]))
             self.syn1neg.index_add_(0, targets.reshape(-1), grad_outputs.view(-1, grad_outputs.shape[-1]))
@@ -505,7 +529,9 @@ def _logistic_gradient(scores: torch.Tensor, targets: torch.Tensor, lr: float) -
     grad = scores.sigmoid_().neg_()
     grad[..., 0] += 1.0
     grad.mul_(lr)
-    clash = targets[:, 1:] == targets[:, :1]  # [B, negative]
+    clash = targets[..., 1:] == targets[..., :1]  # [B, (S,) negative]
     if clash.any():
-        grad[..., 1:].masked_fill_(clash.view(len(targets), *([1] * (grad.dim() - 2)), -1), 0.0)
+        while clash.dim() < grad.dim():  # noise words shared by a center's context slots
+            clash = clash.unsqueeze(-2)
+        grad[..., 1:].masked_fill_(clash, 0.0)
     return grad

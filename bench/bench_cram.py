@@ -119,7 +119,9 @@ def table(out: Path, tasks: list[str]) -> None:
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     for ax, t in zip(axes[0], tasks, strict=True):
-        for kind in sorted({variant(n) for n in names}):
+        for color, kind in enumerate(
+            sorted({variant(n) for n in names})
+        ):  # one color per kind in every panel
             done = [n for n in names if t in rows[n] and minutes(n) != float("inf") and variant(n) == kind]
             if not done:
                 continue
@@ -137,6 +139,7 @@ def table(out: Path, tasks: list[str]) -> None:
                 marker="o" if not kind else "s",
                 capsize=4,
                 linestyle="-" if not kind else "none",
+                color=f"C{color}",
                 label=label,
             )
         if t in baselines:

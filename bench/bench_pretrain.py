@@ -57,7 +57,7 @@ def precisions(settings: list[str]) -> list[str]:
 
 
 def shape(text: str) -> tuple[int, int]:
-    """ "4x256" -> (4 layers, hidden 256)."""
+    """Layers and hidden size of a LAYERSxHIDDEN string: "4x256" -> (4, 256)."""
     layers, _, hidden = text.partition("x")
     return int(layers), int(hidden)
 

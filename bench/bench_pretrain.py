@@ -474,7 +474,7 @@ def print_results(args: argparse.Namespace, prep: dict, results: dict, seconds: 
 
 
 def plot(saved: dict, png: Path) -> None:
-    """Tokens/s and peak RSS of both sides, one bar pair per configuration and setting."""
+    """Tokens/s and peak RSS of both sides (log scale) across the configurations, in the file's order."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -488,8 +488,8 @@ def plot(saved: dict, png: Path) -> None:
         [("ours tok/s", "HF tok/s", "tokens/s"), ("ours RSS MB", "HF RSS MB", "peak RSS (MB)")],
         strict=True,
     ):
-        axis.bar([i - 0.2 for i in x], [saved[n][ours] for n in names], 0.4, label="mlm-pretrain")
-        axis.bar([i + 0.2 for i in x], [saved[n][hf] for n in names], 0.4, label="HF Trainer (run_mlm path)")
+        axis.plot(x, [saved[n][ours] for n in names], marker="o", label="mlm-pretrain")
+        axis.plot(x, [saved[n][hf] for n in names], marker="s", label="HF Trainer (run_mlm path)")
         axis.set_ylabel(label)
         axis.set_yscale("log")
         axis.legend()

@@ -118,10 +118,9 @@ def table(out: Path, tasks: list[str]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    kinds = sorted({variant(n) for n in names})  # indexed for colors: one color per kind in every panel
     for ax, t in zip(axes[0], tasks, strict=True):
-        for color, kind in enumerate(
-            sorted({variant(n) for n in names})
-        ):  # one color per kind in every panel
+        for color, kind in enumerate(kinds):
             done = [n for n in names if t in rows[n] and minutes(n) != float("inf") and variant(n) == kind]
             if not done:
                 continue

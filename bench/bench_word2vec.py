@@ -161,7 +161,7 @@ def main() -> None:
         print(f"{side:22}" + "".join(f"{median(side, k):22.4g}" for k in keys))
     print(machine())
     if "gensim" in results:
-        for side in set(results) - {"gensim"}:
+        for side in [s for s in results if s != "gensim"]:
             ratio = median(side, "words_per_s") / median("gensim", "words_per_s")
             print(f"{side}: {direction(ratio, 'gensim')} (words/s)")
 

@@ -10,7 +10,8 @@ ways (gradient sync, clipping, a full state dict).
   run, so the sharding here is FSDP2 called directly, the same on every device.
 
 Both take `impl.activation_checkpointing` (recompute each encoder layer in the backward pass) and
-`impl.compile` (compile each encoder layer, so identical layers share one graph).
+`impl.compile` (compile each encoder layer, so identical layers share one graph). Attention runs in
+PyTorch's SDPA kernels, except in bf16 on a CPU (`attention_for`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def parallelize(objective: torch.nn.Module, impl, accelerator) -> torch.nn.Modul
     """Apply activation checkpointing, per-layer compilation and the parallelism `impl.parallel` names
     to `objective` (a `SparseMLM`), in place where the method allows; return what the loop trains."""
     model = objective.model
+    model.set_attn_implementation(attention_for(accelerator.device.type, accelerator.mixed_precision))
     if impl.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if impl.compile:
@@ -73,6 +75,14 @@ def parallelize(objective: torch.nn.Module, impl, accelerator) -> torch.nn.Modul
     fully_shard([model.base_model.embeddings, *head_modules(model)], **shard)
     fully_shard(objective, **shard)
     return objective
+
+
+def attention_for(device_type: str, mixed_precision: str) -> str:
+    """The attention implementation to train with: "sdpa", but "eager" (explicit matmuls and softmax) in
+    bf16 on a CPU, where PyTorch's flash-attention backward took 12-15x its forward's time and 31% of an
+    8x512 BERT step; the explicit form made that step 1.5x faster compiled and 1.2x eager
+    (bench/RESULTS.md, "Where the bf16 step's time goes"). It changes how, not what, the model computes."""
+    return "eager" if device_type == "cpu" and mixed_precision == "bf16" else "sdpa"
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -6,6 +6,7 @@ the way it would fail at step 1 on a GPU.
 """
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -85,3 +86,29 @@ def test_batches_resume_exactly_and_mask_the_same_on_any_device(tokenizer):
     assert [m.labels.shape for m in meta_step.micro_batches] == [
         m.labels.shape for m in steps[0].micro_batches
     ]
+
+
+@pytest.mark.parametrize("model_type", ["bert", "modernbert"])
+def test_bf16_on_the_cpu_trains_with_explicit_attention_that_scores_as_sdpa_does(tokenizer, model_type):
+    from mlm_pretrain.parallel import parallelize
+    from mlm_pretrain.trainer import ImplRecipe
+
+    torch.manual_seed(0)
+    recipe = ModelRecipe(type=model_type, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
+    objective = SparseMLM(build_model(recipe, tokenizer, 32))
+    step = next(batches_on(torch.device("cpu"), tokenizer, accumulation=1))
+
+    def loss_with(precision: str) -> float:
+        # what parallelize reads of an Accelerator (whose state is one per process, fixed by the first)
+        accelerator = SimpleNamespace(
+            device=torch.device("cpu"), mixed_precision=precision, prepare_model=lambda m: m
+        )
+        trained = parallelize(objective, ImplRecipe(), accelerator)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return float(trained(**vars(step.micro_batches[0]))[0])
+
+    fp32 = loss_with("no")
+    assert objective.model.config._attn_implementation == "sdpa"
+    bf16 = loss_with("bf16")
+    assert objective.model.config._attn_implementation == "eager"
+    assert bf16 == pytest.approx(fp32, rel=2e-2)

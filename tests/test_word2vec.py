@@ -199,9 +199,16 @@ def test_resumed_training_is_bit_identical(austen, tmp_path):
 
     interrupted = Word2Vec.from_documents(docs, config)
     chunks = iter(range(100))
-    interrupted.train(docs, callback=lambda model: next(chunks) == 7)  # stops mid second epoch
+
+    def checkpoint_and_stop(model: Word2Vec) -> bool:
+        # saved inside the callback, as the trainer does, while the next chunks are being made ahead
+        if next(chunks) < 7:
+            return False
+        torch.save(model.state_dict(), tmp_path / "state.pt")
+        return True
+
+    interrupted.train(docs, callback=checkpoint_and_stop)  # stops mid second epoch
     assert interrupted.epoch == 1 and 0 < interrupted.words_in_epoch < interrupted.vocab.total_words
-    torch.save(interrupted.state_dict(), tmp_path / "state.pt")
     resumed = Word2Vec.from_state_dict(torch.load(tmp_path / "state.pt", weights_only=False))
     resumed.train(docs)
     assert resumed.effective_words == straight.effective_words

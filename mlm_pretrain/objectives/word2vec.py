@@ -182,6 +182,8 @@ class Word2Vec:
         # word2vec's initialisation: input vectors uniform in +-0.5/dim, output vectors zero.
         self.syn0 = (torch.rand(size, dim, generator=self.generator) - 0.5) / dim
         self.syn1neg = torch.zeros(size, dim)
+        # what a checkpoint holds: the generator after the draws of the last chunk trained (it runs ahead)
+        self._generator_state = self.generator.get_state()
         # Workers gather and multiply in parallel but add to the tables in turn: torch promises nothing
         # for concurrent index_add_ on the same rows, and frequent rows are hit by every batch.
         self._update_lock = threading.Lock()
@@ -248,11 +250,14 @@ class Word2Vec:
             while self.epoch < self.config.epochs:
                 docs = documents() if callable(documents) else documents
                 skip = self.words_in_epoch if skip_done else 0
-                chunks = _in_background(self._chunks(docs, skip))
-                for raw_words, ids, doc_of in chunks:
+                chunks = _in_background(
+                    self._prepared(self._chunks(docs, skip), self.chunks_in_epoch, rank, world_size)
+                )
+                for raw_words, prepared, generator_state in chunks:
                     start = time.perf_counter()
-                    if self.chunks_in_epoch % world_size == rank:
-                        self._train_chunk(ids, doc_of, raw_words, pool, workers)
+                    if prepared is not None:
+                        self._train_batches(*prepared, raw_words, pool, workers)
+                    self._generator_state = generator_state
                     self.chunks_in_epoch += 1
                     self.words_in_epoch += raw_words
                     if world_size > 1 and self.chunks_in_epoch % world_size == 0:
@@ -262,6 +267,7 @@ class Word2Vec:
                     in_step = world_size == 1 or self.chunks_in_epoch % world_size == 0
                     if in_step and callback is not None and callback(self):
                         chunks.close()
+                        self.generator.set_state(self._generator_state)  # undo the draws made ahead
                         return
                 if world_size > 1 and self.chunks_in_epoch % world_size:
                     self._add_updates_of_all_processes(all_reduce)
@@ -314,19 +320,25 @@ class Word2Vec:
         kept = ids >= 0
         return raw, ids[kept], doc_of[kept]
 
-    def _train_chunk(
-        self,
-        ids: torch.Tensor,
-        doc_of: torch.Tensor,
-        raw_words: int,
-        pool: ThreadPoolExecutor | None,
-        workers: int,
-    ) -> None:
+    def _prepared(
+        self, chunks: Iterator[tuple[int, torch.Tensor, torch.Tensor]], first: int, rank: int, world_size: int
+    ) -> Iterator[tuple[int, tuple[list, int] | None, torch.Tensor]]:
+        """(raw words, this process's batches of the chunk and its effective word count, or None where
+        another process trains it, the generator's state after the chunk's draws) for each chunk, the
+        first being the epoch's chunk number `first`. It runs ahead of training, in the background, so
+        a checkpoint must hold the state that comes with the chunk trained last, not the generator's."""
+        for index, (raw_words, ids, doc_of) in enumerate(chunks, start=first):
+            prepared = self._batches(ids, doc_of) if index % world_size == rank else None
+            yield raw_words, prepared, self.generator.get_state()
+
+    def _batches(self, ids: torch.Tensor, doc_of: torch.Tensor) -> tuple[list, int]:
+        """A chunk's batches in training order, after subsampling, windows and noise draws, and the
+        number of words left as centers."""
         cfg, gen = self.config, self.generator
         keep = torch.rand(len(ids), generator=gen) < self._keep_prob[ids]
         ids, doc_of = ids[keep], doc_of[keep]
         if len(ids) == 0:
-            return
+            return [], 0
         context, valid, reach = context_windows(ids, doc_of, cfg.window, gen)
         per_pair = cfg.objective == "skipgram" and not cfg.shared_negatives
         draws = (len(ids), 2 * cfg.window, cfg.negative) if per_pair else (len(ids), cfg.negative)
@@ -347,23 +359,34 @@ class Word2Vec:
                 batch_targets = targets[batch, slots] if per_pair else targets[batch]
                 batches.append((context[batch, slots], valid[batch, slots], batch_targets))
         order = torch.randperm(len(batches), generator=gen).tolist()  # windows of all sizes at every stage
+        return [batches[i] for i in order], len(ids)
+
+    def _train_batches(
+        self,
+        batches: list,
+        effective_words: int,
+        raw_words: int,
+        pool: ThreadPoolExecutor | None,
+        workers: int,
+    ) -> None:
+        cfg = self.config
         if cfg.objective == "cbow":
             step = self._cbow_step
         else:
-            step = self._skipgram_pair_step if per_pair else self._skipgram_step
+            step = self._skipgram_step if cfg.shared_negatives else self._skipgram_pair_step
         total = cfg.epochs * self.vocab.total_words
 
         def run(share: list[int]) -> None:
             for i in share:
-                progress = (self.words_done + raw_words * i / len(order)) / total
+                progress = (self.words_done + raw_words * i / len(batches)) / total
                 lr = max(cfg.start_alpha - (cfg.start_alpha - cfg.min_alpha) * progress, cfg.min_alpha)
-                step(*batches[order[i]], lr)
+                step(*batches[i], lr)
 
         if pool is None:
-            run(list(range(len(order))))
+            run(list(range(len(batches))))
         else:  # interleaved shares, so the workers move through the learning-rate schedule together
-            list(pool.map(run, [list(range(w, len(order), workers)) for w in range(workers)]))
-        self.effective_words += len(ids)
+            list(pool.map(run, [list(range(w, len(batches), workers)) for w in range(workers)]))
+        self.effective_words += effective_words
 
     def _skipgram_step(self, context: torch.Tensor, valid: torch.Tensor, targets: torch.Tensor, lr: float):
         # Each context word's input vector predicts the center (label 1) and the center's noise words (0).
@@ -430,7 +453,7 @@ class Word2Vec:
             "words_in_epoch": self.words_in_epoch,
             "effective_words": self.effective_words,
             "train_seconds": self.train_seconds,
-            "generator": self.generator.get_state(),
+            "generator": self._generator_state.clone(),
         }
 
     @classmethod
@@ -448,13 +471,16 @@ class Word2Vec:
         self.chunks_in_epoch = state["chunks_in_epoch"]
         self.effective_words, self.train_seconds = state["effective_words"], state["train_seconds"]
         self.generator.set_state(state["generator"])
+        self._generator_state = state["generator"].clone()
 
 
 def _in_background(items: Iterator, depth: int = 2) -> Generator:
     """Yield from `items`, computed by a thread up to `depth` items ahead.
 
-    Tokenizing the next chunk is Python holding the GIL; the torch ops of the training workers release
-    it, so the two overlap instead of taking turns. Closing the generator stops the thread.
+    Tokenizing the next chunk is Python holding the GIL, and making its batches (subsampling, windows,
+    noise draws) was a third of a worker's time when it ran between chunks while the workers waited; the
+    torch ops of the training workers release the GIL, so the two overlap instead of taking turns.
+    Closing the generator stops the thread.
     """
     queue: Queue = Queue(depth)
     stop = threading.Event()

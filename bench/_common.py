@@ -12,6 +12,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -47,6 +48,21 @@ def machine() -> str:
         f"machine: lscpu model {model!r}; {present}; {os.cpu_count()} CPUs, this run on CPUs {cpus}; "
         f"load average {load}"
     )
+
+
+def matmul_flops(dtype, n: int = 2048) -> float:
+    """The best rate of an n^3 `torch.matmul` in `dtype` (best of 5, after one untimed), in FLOP/s: the
+    ceiling MFU is measured against. On these CPUs bf16 is fast only with AMX or AVX512-BF16."""
+    import torch
+
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
 
 
 def direction(ratio: float, peer: str) -> str:

@@ -21,6 +21,10 @@ the run_mlm side's): above 1 the side is that many times faster.
 
     python bench/bench_corpus.py                                   # the default 8k WordPiece
     python bench/bench_corpus.py --tokenizer /tmp/wp30k --rounds 3 # e.g. one bench_tokenizer.py --keep made
+    python bench/bench_corpus.py --scales 1 4 16 --sides ours,run_mlm_default --png bench/loader_scaling.png
+
+`--scales` runs every side on the corpus repeated N times (N links to each of its files, in a temporary
+directory): a streaming loader's tokens/s and peak memory should not change with N.
 """
 
 from __future__ import annotations
@@ -151,9 +155,14 @@ def main() -> None:
     parser.add_argument("--shuffle-buffer", type=int, default=0, help="ours: blocks in the shuffle buffer")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sides", default=",".join(SIDES))
+    parser.add_argument(
+        "--scales", nargs="+", type=int, default=[1], help="corpus sizes, as repetitions of the corpus"
+    )
+    parser.add_argument("--png", help="draw tokens/s and peak RSS against corpus size (with --scales)")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side
+    parser.add_argument("--corpus", help=argparse.SUPPRESS)  # internal: the (repeated) corpus directory
     args = parser.parse_args()
-    corpus = str(Path(args.data) / "corpus")
+    corpus = args.corpus or str(Path(args.data) / "corpus")
 
     if args.side == "ours":
         return report(side_ours(corpus, args.tokenizer, args.seq_len, args.shuffle_buffer))
@@ -164,10 +173,38 @@ def main() -> None:
     if args.side == "raw":
         return report(side_raw(corpus, args.tokenizer))
 
-    sides = args.sides.split(",")
     print(machine(), flush=True)
+    scaling = []
+    for scale in args.scales:
+        with tempfile.TemporaryDirectory(prefix=f"corpus-x{scale}-") as repeated:
+            for i in range(scale):
+                for file in sorted(Path(corpus).iterdir()):
+                    (Path(repeated) / f"copy{i}-{file.name}").symlink_to(file.resolve())
+            print(f"\ncorpus x{scale}", flush=True)
+            runs = compare(args, repeated)
+        scaling += [[f"x{scale}", side, *figures(side_runs)] for side, side_runs in runs.items()]
+    if len(args.scales) > 1:
+        print(f"\nhow the loader scales with corpus size (medians of {args.rounds} rounds)")
+        print(table(["corpus", "side", "tokens/s", "tokens/CPU-s", "seconds", "peak RSS MB"], scaling))
+        if args.png:
+            plot_scaling(scaling, Path(args.png))
+
+
+def figures(runs: list[dict]) -> list:
+    """tokens/s, tokens/CPU-second, seconds and peak RSS of a side (medians over rounds)."""
+    seconds = "seconds" if "seconds" in runs[0] else "seconds_encode_batch"
+    cpu = "cpu" if "cpu" in runs[0] else "cpu_encode_batch"
+    speed = median([{"v": r["doc_tokens"] / r[seconds]} for r in runs], "v")
+    per_cpu = median([{"v": r["doc_tokens"] / r[cpu]} for r in runs], "v")
+    return [speed, per_cpu, median(runs, seconds), int(median(runs, "rss_mb"))]
+
+
+def compare(args: argparse.Namespace, corpus: str) -> dict[str, list[dict]]:
+    """Run the sides on `corpus`, alternated round by round; print their table; return their runs."""
+    sides = args.sides.split(",")
     forwarded = ["--data", args.data, "--tokenizer", args.tokenizer, "--seq-len", str(args.seq_len)]
     forwarded += ["--num-proc", str(args.num_proc), "--shuffle-buffer", str(args.shuffle_buffer)]
+    forwarded += ["--corpus", corpus]
     runs: dict[str, list[dict]] = {side: [] for side in sides}
     for round_ in range(args.rounds):
         for side in sides:
@@ -210,6 +247,32 @@ def main() -> None:
             ratio = rate("ours", "seconds") / rate(peer, "seconds")
             per_cpu = rate("ours", "cpu") / rate(peer, "cpu")
             print(f"{direction(ratio, name)} in tokens/s; per CPU-second {direction(per_cpu, name)}")
+    return runs
+
+
+def plot_scaling(rows: list[list], png: Path) -> None:
+    """tokens/s and peak RSS of each side against corpus size, from the scaling table's rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for side in dict.fromkeys(row[1] for row in rows):
+        mine = [row for row in rows if row[1] == side]
+        scales = [int(row[0][1:]) for row in mine]
+        axes[0].plot(scales, [row[2] for row in mine], marker="o", label=side)
+        axes[1].plot(scales, [row[5] for row in mine], marker="o", label=side)
+    for axis, label in zip(axes, ["tokens/s", "peak RSS (MB)"], strict=True):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("corpus size (repetitions of the shared corpus)")
+        axis.set_ylabel(label)
+        axis.set_ylim(bottom=0)
+        axis.legend()
+    figure.suptitle(machine().split(";")[0], fontsize=8)
+    figure.tight_layout()
+    figure.savefig(png, dpi=120)
+    print(f"wrote {png}")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_DATA, ROOT, machine, report, run_side, table  # noqa: E402
+from _common import DEFAULT_DATA, ROOT, machine, matmul_flops, report, run_side, table  # noqa: E402
 
 SETTINGS = {  # name: (impl.mixed_precision, compile)
     "fp32": ("no", False),
@@ -221,19 +221,8 @@ def side_ceiling(args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
-    n, out = 2048, {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        if name not in precisions(args.settings):
-            continue
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        torch.matmul(a, b)
-        best = float("inf")
-        for _ in range(5):
-            start = time.perf_counter()
-            torch.matmul(a, b)
-            best = min(best, time.perf_counter() - start)
-        out[f"{name}_gflops"] = 2 * n**3 / best / 1e9
-    return out
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    return {f"{name}_gflops": matmul_flops(dtypes[name]) / 1e9 for name in precisions(args.settings)}
 
 
 # ---------------------------------------------------------------------------------------------- the parent
@@ -474,13 +463,18 @@ def print_results(args: argparse.Namespace, prep: dict, results: dict, seconds: 
 
 
 def plot(saved: dict, png: Path) -> None:
-    """Tokens/s and peak RSS of both sides (log scale) across the configurations, in the file's order."""
+    """Tokens/s and peak RSS of both sides (log scale) across the configurations, ordered by model size,
+    then sequence length, batch size and setting."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(saved)
+    def order(name: str) -> tuple:
+        row = saved[name]
+        return (*shape(row["shape"])[::-1], row["seq_len"], row["batch"], row["setting"])
+
+    names = sorted(saved, key=order)
     x = range(len(names))
     figure, axes = plt.subplots(2, 1, figsize=(max(6, 1.2 * len(names)), 7), sharex=True)
     for axis, (ours, hf, label) in zip(

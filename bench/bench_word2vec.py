@@ -2,6 +2,7 @@
 
     python bench/bench_word2vec.py [--data ../shared/data] [--epochs 5] [--repeats 1] [--objective skipgram]
     python bench/bench_word2vec.py --sides ours ours-per-pair gensim   # shared noise words or per pair
+    python bench/bench_word2vec.py --sides ours ours-per-pair --epochs 3 --side-epochs ours=8  # equal time
 
 Each side trains in its own subprocess (so peak RSS is its own), the sides alternate within each repeat,
 and the medians are printed. Both sides get the same documents (a line of a .txt / .txt.gz file, a line
@@ -70,7 +71,7 @@ def child(args: argparse.Namespace) -> None:
     documents = read_documents(Path(args.data) / "corpus")
     config = Word2VecConfig(
         objective=args.objective,
-        epochs=args.epochs,
+        epochs=epochs_of(args, args.child),
         batch_size=args.batch_size,
         shared_negatives=args.child != "ours-per-pair",
     )
@@ -98,7 +99,7 @@ def child(args: argparse.Namespace) -> None:
         )
         model.build_vocab(sentences)
         start = time.perf_counter()
-        effective, _ = model.train(sentences, total_examples=model.corpus_count, epochs=args.epochs)
+        effective, _ = model.train(sentences, total_examples=model.corpus_count, epochs=config.epochs)
         seconds = time.perf_counter() - start
         vectors = WordVectors(list(model.wv.index_to_key), model.wv.vectors, None)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -107,6 +108,7 @@ def child(args: argparse.Namespace) -> None:
     mismatch = max(abs(scores[k] - theirs[k]) for k in theirs)
     result = {
         "side": args.child,
+        "epochs": config.epochs,
         "seconds": seconds,
         "effective_words": effective,
         "words_per_s": effective / seconds,
@@ -118,12 +120,21 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(result))
 
 
+def epochs_of(args: argparse.Namespace, side: str) -> int:
+    """The epochs `side` trains: its --side-epochs entry, else --epochs."""
+    epochs = {name: int(n) for name, _, n in (item.partition("=") for item in args.side_epochs)}
+    return epochs.get(side, args.epochs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument(
+        "--side-epochs", nargs="+", default=[], metavar="SIDE=N", help="epochs of a side, e.g. at equal time"
+    )
     parser.add_argument("--objective", default="skipgram", choices=["skipgram", "cbow"])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=256)
@@ -146,9 +157,11 @@ def main() -> None:
     def median(side: str, key: str) -> float:
         return statistics.median(r[key] for r in results[side])
 
-    setup = f"{args.objective}, {args.epochs} epochs, {args.workers} workers, batch {args.batch_size}"
+    setup = f"{args.objective}, {args.workers} workers, batch {args.batch_size}"
     print(f"\n{setup}, medians of {args.repeats} repeat(s):")
     keys = (
+        "epochs",
+        "seconds",
         "words_per_s",
         "peak_rss_mb",
         "wordsim353_spearman",

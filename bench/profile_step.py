@@ -1,0 +1,117 @@
+"""Where one pretraining step's time goes: our step (sparse MLM head, fused AdamW, clipping) on random
+blocks, timed, and with `--profile` a `torch.profiler` table of the operators that took the time.
+
+It builds the step from the trainer's parts (`build_model`, `SparseMLM`, `build_optimizer`,
+`clip_grad_norm`, each encoder layer compiled as `impl.compile` does) without the data loader, so the
+table shows the model's own cost. `--attention` picks the attention implementation, to compare what
+`parallel.attention_for` chooses with the alternative.
+
+    python bench/profile_step.py --shape 8x512 --precision bf16 --compile --attention sdpa --profile
+    python bench/profile_step.py --shape 8x512 --precision bf16 --compile --attention eager --profile
+
+MFU is achieved FLOP/s (bench_pretrain.py's count: 6 x matmul parameters per position they run at) over
+the best 2048^3 `torch.matmul` of the same precision, measured here first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, machine, matmul_flops  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--shape", default="8x512", help="LAYERSxHIDDEN (heads H/64, intermediate 4H)")
+    parser.add_argument("--type", default="bert", choices=["bert", "roberta", "modernbert"])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--compile", action="store_true", help="compile each layer and the head")
+    parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
+    parser.add_argument("--tokenizer", default=str(ROOT / "tokenizers" / "shared-wordpiece-16k"))
+    parser.add_argument("--steps", type=int, default=6, help="timed steps, after 3 untimed")
+    parser.add_argument("--profile", action="store_true", help="then profile 3 steps")
+    args = parser.parse_args()
+
+    from mlm_pretrain.models import ModelRecipe, build_model
+    from mlm_pretrain.objectives.mlm import SparseMLM
+    from mlm_pretrain.optim import build_optimizer
+    from mlm_pretrain.parallel import clip_grad_norm, encoder_layers
+    from mlm_pretrain.tokenizer import load_tokenizer
+
+    print(machine(), flush=True)
+    torch.set_num_threads(os.cpu_count() or 1)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    ceiling = matmul_flops(dtype)
+    layers, hidden = (int(x) for x in args.shape.split("x"))
+    tokenizer = load_tokenizer(args.tokenizer)
+    torch.manual_seed(0)
+    recipe = ModelRecipe(
+        type=args.type,
+        hidden_size=hidden,
+        num_layers=layers,
+        num_heads=max(hidden // 64, 2),
+        intermediate_size=4 * hidden,
+    )
+    model = build_model(recipe, tokenizer, args.seq_len)
+    model.set_attn_implementation(args.attention)
+    if args.compile:
+        for layer in encoder_layers(model):
+            layer.compile()
+    objective = SparseMLM(model, compile_head=args.compile)
+    optimizer = build_optimizer(objective, 1e-4)
+    vocab, tokens = len(tokenizer), args.batch * args.seq_len
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
+
+    def step() -> None:
+        ids = torch.randint(len(tokenizer.all_special_ids), vocab, (args.batch, args.seq_len))
+        positions = torch.nonzero(torch.rand(tokens) < 0.15).squeeze(1)
+        with autocast:
+            loss, _ = objective(ids, torch.ones_like(ids), positions, ids.flatten()[positions], False)
+        (loss / len(positions)).backward()
+        clip_grad_norm(objective, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    start = time.perf_counter()
+    for _ in range(3):
+        step()
+    print(f"3 untimed steps (compilation included): {time.perf_counter() - start:.1f} s")
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    seconds = sorted(times)[len(times) // 2]
+    encoder = layers * (4 * hidden**2 + 2 * hidden * 4 * hidden)
+    flops = 6 * (encoder + 0.15 * (hidden**2 + hidden * vocab)) * tokens
+    print(
+        f"{args.type} {args.shape}, batch {args.batch} x {args.seq_len}, {args.precision}, "
+        f"compile {args.compile}, attention {args.attention}: median step {1000 * seconds:.0f} ms, "
+        f"{tokens / seconds:,.0f} tokens/s, {flops / seconds / 1e9:.0f} GFLOP/s, "
+        f"MFU {100 * flops / seconds / ceiling:.1f}% of {ceiling / 1e9:.0f} GFLOP/s ({args.precision} matmul)"
+    )
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                step()
+        print(
+            prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -50,6 +50,20 @@ def machine() -> str:
     )
 
 
+def shape(text: str) -> tuple[int, int]:
+    """Layers and hidden size of a LAYERSxHIDDEN string: "4x256" -> (4, 256)."""
+    layers, _, hidden = text.partition("x")
+    return int(layers), int(hidden)
+
+
+def matmul_parameters(config) -> tuple[int, int]:
+    """(encoder, MLM head) parameters in matmuls of an HF BERT-style config; 6x each is the training FLOPs
+    per position it runs at (attention scores left out)."""
+    c = config
+    encoder = c.num_hidden_layers * (4 * c.hidden_size**2 + 2 * c.hidden_size * c.intermediate_size)
+    return encoder, c.hidden_size**2 + c.hidden_size * c.vocab_size
+
+
 def matmul_flops(dtype, n: int = 2048) -> float:
     """The best rate of an n^3 `torch.matmul` in `dtype` (best of 5, after one untimed), in FLOP/s: the
     ceiling MFU is measured against. On these CPUs bf16 is fast only with AMX or AVX512-BF16."""

@@ -190,13 +190,16 @@ def main() -> None:
             plot_scaling(scaling, Path(args.png))
 
 
+def rate(runs: list[dict], key: str) -> float:
+    """Document tokens per unit of `key` (wall or CPU seconds), the median over a side's rounds."""
+    return median([{"v": r["doc_tokens"] / r[key]} for r in runs], "v")
+
+
 def figures(runs: list[dict]) -> list:
     """tokens/s, tokens/CPU-second, seconds and peak RSS of a side (medians over rounds)."""
     seconds = "seconds" if "seconds" in runs[0] else "seconds_encode_batch"
     cpu = "cpu" if "cpu" in runs[0] else "cpu_encode_batch"
-    speed = median([{"v": r["doc_tokens"] / r[seconds]} for r in runs], "v")
-    per_cpu = median([{"v": r["doc_tokens"] / r[cpu]} for r in runs], "v")
-    return [speed, per_cpu, median(runs, seconds), int(median(runs, "rss_mb"))]
+    return [rate(runs, seconds), rate(runs, cpu), median(runs, seconds), int(median(runs, "rss_mb"))]
 
 
 def compare(args: argparse.Namespace, corpus: str) -> dict[str, list[dict]]:
@@ -213,9 +216,6 @@ def compare(args: argparse.Namespace, corpus: str) -> dict[str, list[dict]]:
             seconds = result.get("seconds", result.get("seconds_encode_batch"))
             print(f"round {round_ + 1} {side:15s} {seconds:6.1f} s", flush=True)
 
-    def rate(side: str, key: str) -> float:
-        return median([{"v": r["doc_tokens"] / r[key]} for r in runs[side]], "v")
-
     peers = {"run_mlm": f"run_mlm num_proc={args.num_proc}", "run_mlm_default": "run_mlm default"}
     peers = {side: name for side, name in peers.items() if side in runs}
     rows = []
@@ -223,13 +223,13 @@ def compare(args: argparse.Namespace, corpus: str) -> dict[str, list[dict]]:
         for variant in [""] if side != "raw" else ["_encode_batch", "_encode_batch_fast"]:
             first = runs[side][0]
             delivered = first.get("delivered", "-")
-            speed = rate(side, "seconds" + variant)
+            speed = rate(runs[side], "seconds" + variant)
             rows.append(
                 [
                     side + variant.replace("_", " ", 1),
                     speed,
-                    *(speed / rate(peer, "seconds") for peer in peers),
-                    rate(side, "cpu" + variant),
+                    *(speed / rate(runs[peer], "seconds") for peer in peers),
+                    rate(runs[side], "cpu" + variant),
                     median(runs[side], "seconds" + variant),
                     first["doc_tokens"],
                     delivered,
@@ -244,8 +244,8 @@ def compare(args: argparse.Namespace, corpus: str) -> dict[str, list[dict]]:
     print(table(header, rows))
     if "ours" in runs:
         for peer, name in peers.items():
-            ratio = rate("ours", "seconds") / rate(peer, "seconds")
-            per_cpu = rate("ours", "cpu") / rate(peer, "cpu")
+            ratio = rate(runs["ours"], "seconds") / rate(runs[peer], "seconds")
+            per_cpu = rate(runs["ours"], "cpu") / rate(runs[peer], "cpu")
             print(f"{direction(ratio, name)} in tokens/s; per CPU-second {direction(per_cpu, name)}")
     return runs
 

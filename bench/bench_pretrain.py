@@ -44,7 +44,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_DATA, ROOT, machine, matmul_flops, report, run_side, table  # noqa: E402
+from _common import (  # noqa: E402
+    DEFAULT_DATA,
+    ROOT,
+    machine,
+    matmul_flops,
+    matmul_parameters,
+    report,
+    run_side,
+    shape,
+    table,
+)
 
 SETTINGS = {  # name: (impl.mixed_precision, compile)
     "fp32": ("no", False),
@@ -54,12 +64,6 @@ SETTINGS = {  # name: (impl.mixed_precision, compile)
 
 def precisions(settings: list[str]) -> list[str]:
     return sorted({"bf16" if SETTINGS[s][0] == "bf16" else "fp32" for s in settings}, reverse=True)
-
-
-def shape(text: str) -> tuple[int, int]:
-    """Layers and hidden size of a LAYERSxHIDDEN string: "4x256" -> (4, 256)."""
-    layers, _, hidden = text.partition("x")
-    return int(layers), int(hidden)
 
 
 def recipe_overrides(args: argparse.Namespace, setting: str) -> list[str]:
@@ -285,12 +289,10 @@ def prepare(args: argparse.Namespace) -> dict:
         sparse, _ = SparseMLM(model)(**parts)
         labels = torch.where(mask, small["input_ids"], -100)
         dense = model(input_ids=inputs, attention_mask=small["attention_mask"], labels=labels).loss
-    c = model.config
-    encoder = c.num_hidden_layers * (4 * c.hidden_size**2 + 2 * c.hidden_size * c.intermediate_size)
-    head = c.hidden_size**2 + c.hidden_size * c.vocab_size
+    encoder, head = matmul_parameters(model.config)
     fraction = float(predict.float().mean())
     return {
-        "vocab": c.vocab_size,
+        "vocab": model.config.vocab_size,
         "masked_fraction": fraction,
         "flops_per_token": {"ours": 6 * (encoder + fraction * head), "hf": 6 * (encoder + head)},
         "sparse_loss": float(sparse / mask.sum()),

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, machine, matmul_flops  # noqa: E402
+from _common import ROOT, machine, matmul_flops, matmul_parameters, shape  # noqa: E402
 
 
 def main() -> None:
@@ -54,7 +54,7 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     ceiling = matmul_flops(dtype)
-    layers, hidden = (int(x) for x in args.shape.split("x"))
+    layers, hidden = shape(args.shape)
     tokenizer = load_tokenizer(args.tokenizer)
     torch.manual_seed(0)
     recipe = ModelRecipe(
@@ -71,11 +71,11 @@ def main() -> None:
             layer.compile()
     objective = SparseMLM(model, compile_head=args.compile)
     optimizer = build_optimizer(objective, 1e-4)
-    vocab, tokens = len(tokenizer), args.batch * args.seq_len
+    tokens = args.batch * args.seq_len
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if args.precision == "bf16" else nullcontext()
 
     def step() -> None:
-        ids = torch.randint(len(tokenizer.all_special_ids), vocab, (args.batch, args.seq_len))
+        ids = torch.randint(len(tokenizer.all_special_ids), len(tokenizer), (args.batch, args.seq_len))
         positions = torch.nonzero(torch.rand(tokens) < 0.15).squeeze(1)
         with autocast:
             loss, _ = objective(ids, torch.ones_like(ids), positions, ids.flatten()[positions], False)
@@ -94,8 +94,8 @@ def main() -> None:
         step()
         times.append(time.perf_counter() - start)
     seconds = sorted(times)[len(times) // 2]
-    encoder = layers * (4 * hidden**2 + 2 * hidden * 4 * hidden)
-    flops = 6 * (encoder + 0.15 * (hidden**2 + hidden * vocab)) * tokens
+    encoder, head = matmul_parameters(model.config)
+    flops = 6 * (encoder + 0.15 * head) * tokens
     print(
         f"{args.type} {args.shape}, batch {args.batch} x {args.seq_len}, {args.precision}, "
         f"compile {args.compile}, attention {args.attention}: median step {1000 * seconds:.0f} ms, "

@@ -24,7 +24,8 @@ the run_mlm side's): above 1 the side is that many times faster.
     python bench/bench_corpus.py --scales 1 4 16 --sides ours,run_mlm_default --png bench/loader_scaling.png
 
 `--scales` runs every side on the corpus repeated N times (N links to each of its files, in a temporary
-directory): a streaming loader's tokens/s and peak memory should not change with N.
+directory): a streaming loader's tokens/s and peak memory should not change with N. Each round runs every
+size in turn (x1, x4, x16, x1, ...), so the machine's drift does not pass for a trend.
 """
 
 from __future__ import annotations
@@ -174,15 +175,20 @@ def main() -> None:
         return report(side_raw(corpus, args.tokenizer))
 
     print(machine(), flush=True)
-    scaling = []
-    for scale in args.scales:
-        with tempfile.TemporaryDirectory(prefix=f"corpus-x{scale}-") as repeated:
+    with tempfile.TemporaryDirectory(prefix="corpus-repeated-") as repeated:
+        corpora = {}
+        for scale in args.scales:
+            corpora[scale] = Path(repeated) / f"x{scale}"
+            corpora[scale].mkdir()
             for i in range(scale):
                 for file in sorted(Path(corpus).iterdir()):
-                    (Path(repeated) / f"copy{i}-{file.name}").symlink_to(file.resolve())
-            print(f"\ncorpus x{scale}", flush=True)
-            runs = compare(args, repeated)
-        scaling += [[f"x{scale}", side, *figures(side_runs)] for side, side_runs in runs.items()]
+                    (corpora[scale] / f"copy{i}-{file.name}").symlink_to(file.resolve())
+        runs = run_rounds(args, corpora)
+    scaling = []
+    for scale in args.scales:
+        print(f"\ncorpus x{scale}: {len(list(Path(corpus).iterdir())) * scale} files")
+        print_comparison(args, runs[scale])
+        scaling += [[f"x{scale}", side, *figures(side_runs)] for side, side_runs in runs[scale].items()]
     if len(args.scales) > 1:
         print(f"\nhow the loader scales with corpus size (medians of {args.rounds} rounds)")
         print(table(["corpus", "side", "tokens/s", "tokens/CPU-s", "seconds", "peak RSS MB"], scaling))
@@ -202,20 +208,26 @@ def figures(runs: list[dict]) -> list:
     return [rate(runs, seconds), rate(runs, cpu), median(runs, seconds), int(median(runs, "rss_mb"))]
 
 
-def compare(args: argparse.Namespace, corpus: str) -> dict[str, list[dict]]:
-    """Run the sides on `corpus`, alternated round by round; print their table; return their runs."""
+def run_rounds(args: argparse.Namespace, corpora: dict[int, Path]) -> dict[int, dict[str, list[dict]]]:
+    """Every side on every corpus size, each round going through all of them, so a machine that speeds
+    up or slows down during the run shifts every size alike rather than biasing the scaling."""
     sides = args.sides.split(",")
     forwarded = ["--data", args.data, "--tokenizer", args.tokenizer, "--seq-len", str(args.seq_len)]
     forwarded += ["--num-proc", str(args.num_proc), "--shuffle-buffer", str(args.shuffle_buffer)]
-    forwarded += ["--corpus", corpus]
-    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    runs: dict[int, dict[str, list[dict]]] = {scale: {side: [] for side in sides} for scale in corpora}
     for round_ in range(args.rounds):
-        for side in sides:
-            result = run_side("bench_corpus.py", side, forwarded)
-            runs[side].append(result)
-            seconds = result.get("seconds", result.get("seconds_encode_batch"))
-            print(f"round {round_ + 1} {side:15s} {seconds:6.1f} s", flush=True)
+        for scale, corpus in corpora.items():
+            for side in sides:
+                result = run_side("bench_corpus.py", side, [*forwarded, "--corpus", str(corpus)])
+                runs[scale][side].append(result)
+                seconds = result.get("seconds", result.get("seconds_encode_batch"))
+                print(f"round {round_ + 1} x{scale:<3d} {side:15s} {seconds:6.1f} s", flush=True)
+    return runs
 
+
+def print_comparison(args: argparse.Namespace, runs: dict[str, list[dict]]) -> None:
+    """The table of one corpus size: each side's medians, and its speed ratio to the run_mlm sides."""
+    sides = list(runs)
     peers = {"run_mlm": f"run_mlm num_proc={args.num_proc}", "run_mlm_default": "run_mlm default"}
     peers = {side: name for side, name in peers.items() if side in runs}
     rows = []
@@ -238,7 +250,7 @@ def compare(args: argparse.Namespace, corpus: str) -> dict[str, list[dict]]:
                     int(median(runs[side], "child_rss_mb")) if side == "run_mlm" else "-",
                 ]
             )
-    print(f"\n{corpus}, tokenizer {args.tokenizer}, seq_len {args.seq_len}, medians of {args.rounds} rounds")
+    print(f"tokenizer {args.tokenizer}, seq_len {args.seq_len}, medians of {args.rounds} rounds")
     header = ["side", "tokens/s", *(f"x {name} speed" for name in peers.values()), "tokens/CPU-s", "s"]
     header += ["doc tokens", "delivered", "dropped", "RSS MB", "worker MB"]
     print(table(header, rows))
@@ -247,7 +259,6 @@ def compare(args: argparse.Namespace, corpus: str) -> dict[str, list[dict]]:
             ratio = rate(runs["ours"], "seconds") / rate(runs[peer], "seconds")
             per_cpu = rate(runs["ours"], "cpu") / rate(runs[peer], "cpu")
             print(f"{direction(ratio, name)} in tokens/s; per CPU-second {direction(per_cpu, name)}")
-    return runs
 
 
 def plot_scaling(rows: list[list], png: Path) -> None:

@@ -19,7 +19,8 @@ FLOPs per token, counted as 6 x (parameters in the matmuls) per position they ru
     head:    6 x (H^2 + H V)   (transform + vocabulary decoder)   at every position (peer) or at the
              masked positions only (ours: a fraction f of the tokens, measured on the blocks)
 (attention scores, 12 x L x seq x H per token, are left out on both sides.) MFU is achieved FLOP/s over the
-best `torch.matmul` rate of the same precision measured in the same round.
+best 2048^3 `torch.matmul` rate of the same precision measured in the run's rounds, and "MFU (median)" over
+the median call's rate (the machine's matmul rate switches between two states, see `_common.matmul_flops`).
 
     python bench/bench_pretrain.py                         # both settings, 3 rounds
     python bench/bench_pretrain.py --settings fp32 --rounds 2 --steps 20
@@ -220,13 +221,17 @@ def side_hf(args: argparse.Namespace) -> dict:
 
 
 def side_ceiling(args: argparse.Namespace) -> dict:
-    """The best rate of a large `torch.matmul` on this machine now, in GFLOP/s, in each precision that
-    `--settings` trains in (a CPU without bf16 instructions takes many minutes for one bf16 product)."""
+    """The best and the median rate of a large `torch.matmul` on this machine now, in GFLOP/s, in each
+    precision that `--settings` trains in (a CPU without bf16 instructions takes minutes for one product)."""
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-    return {f"{name}_gflops": matmul_flops(dtypes[name]) / 1e9 for name in precisions(args.settings)}
+    figures = {}
+    for name in precisions(args.settings):
+        best, median = matmul_flops(dtypes[name])
+        figures[f"{name}_gflops"], figures[f"{name}_median_gflops"] = best / 1e9, median / 1e9
+    return figures
 
 
 # ---------------------------------------------------------------------------------------------- the parent
@@ -357,11 +362,9 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(saved, indent=2) + "\n")
     if len(saved) > 1:
-        print(
-            table(
-                ["configuration", *SUMMARY], [[name, *(r[k] for k in SUMMARY)] for name, r in saved.items()]
-            )
-        )
+        # configurations saved by an earlier version of this script have no median MFU
+        rows = [[name, *(r.get(k, "-") for k in SUMMARY)] for name, r in saved.items()]
+        print(table(["configuration", *SUMMARY], rows))
 
 
 SUMMARY = [
@@ -373,6 +376,8 @@ SUMMARY = [
     "HF RSS MB",
     "ours MFU",
     "HF MFU",
+    "ours MFU (median)",
+    "HF MFU (median)",
 ]
 
 
@@ -406,12 +411,16 @@ def run_rounds(args: argparse.Namespace) -> dict:
 
 def print_results(args: argparse.Namespace, prep: dict, results: dict, seconds: float) -> list[list]:
     """Print one configuration's tables; return its rows (one per setting) in SUMMARY's order."""
-    # a ceiling: the best of all rounds (a round under other people's load measures them, not the machine)
-    ceiling = {p: max(r[f"{p}_gflops"] for r in results["ceiling"]) for p in precisions(args.settings)}
+    # a ceiling: the best of all rounds (a round under other people's load measures them, not the machine);
+    # and the rate the matmul keeps up: the median of the rounds' medians (see `matmul_flops`)
+    rounds, kinds = results["ceiling"], precisions(args.settings)
+    ceiling = {p: max(r[f"{p}_gflops"] for r in rounds) for p in kinds}
+    sustained = {p: statistics.median(r[f"{p}_median_gflops"] for r in rounds) for p in kinds}
     flops = prep["flops_per_token"]
     rows, losses = [], []
     for setting in args.settings:
-        peak = ceiling["bf16" if SETTINGS[setting][0] == "bf16" else "fp32"] * 1e9
+        precision = "bf16" if SETTINGS[setting][0] == "bf16" else "fp32"
+        peak, typical = ceiling[precision] * 1e9, sustained[precision] * 1e9
         runs = {side: results[setting, side] for side in ("ours", "hf")}
         speed = {side: statistics.median(r["tokens_per_s"] for r in runs[side]) for side in runs}
         pairs = list(zip(runs["ours"], runs["hf"], strict=True))  # the same round: the same load, roughly
@@ -428,6 +437,8 @@ def print_results(args: argparse.Namespace, prep: dict, results: dict, seconds: 
                 max(r["rss_mb"] for r in runs["hf"]),
                 f"{100 * speed['ours'] * flops['ours'] / peak:.1f}%",
                 f"{100 * speed['hf'] * flops['hf'] / peak:.1f}%",
+                f"{100 * speed['ours'] * flops['ours'] / typical:.1f}%",
+                f"{100 * speed['hf'] * flops['hf'] / typical:.1f}%",
             ]
         )
         for side in ("ours", "hf"):
@@ -440,15 +451,15 @@ def print_results(args: argparse.Namespace, prep: dict, results: dict, seconds: 
         f"{args.rounds} rounds, {args.steps} timed steps per run after {args.warmup}; medians over rounds"
     )
     print(
-        f"matmul ceiling (2048^3, best of 5 in each of {args.rounds} rounds): "
-        + ", ".join(f"{p} {gflops:,.0f} GFLOP/s" for p, gflops in ceiling.items())
+        f"matmul ceiling (2048^3, 9 calls in each of {args.rounds} rounds): "
+        + ", ".join(f"{p} best {ceiling[p]:,.0f}, median {sustained[p]:,.0f} GFLOP/s" for p in ceiling)
     )
     print(
         f"FLOPs/token: ours {flops['ours'] / 1e6:.1f}M (head at {100 * prep['masked_fraction']:.1f}% of "
         f"tokens), HF {flops['hf'] / 1e6:.1f}M (head at every token)"
     )
     header = ["setting", "ours tok/s", "HF tok/s", "ratio (range)", "per CPU-s", "ours RSS MB", "HF RSS MB"]
-    print(table([*header, "ours MFU", "HF MFU"], rows))
+    print(table([*header, "ours MFU", "HF MFU", "ours MFU (median)", "HF MFU (median)"], rows))
     print()
     steps = args.warmup + args.steps
     marks = sorted({1, steps // 4, steps // 2, 3 * steps // 4, steps} - {0})

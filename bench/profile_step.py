@@ -8,18 +8,25 @@ table shows the model's own cost. `--attention` picks the attention implementati
 
     python bench/profile_step.py --shape 8x512 --precision bf16 --compile --attention sdpa --profile
     python bench/profile_step.py --shape 8x512 --precision bf16 --compile --attention eager --profile
+    python bench/profile_step.py --shape 8x512 --precision bf16 --matmuls   # the encoder's GEMMs alone
+
+`--matmuls` times, instead of the step, each matmul shape of the encoder's linear layers as training calls
+it (forward `x @ W^T`, input gradient `g @ W`, weight gradient `x^T @ g`, over batch x seq rows), beside
+the square ceiling, alternated, so the rate the model's own matmuls can reach is measured in the same minute.
 
 MFU is achieved FLOP/s (bench_pretrain.py's count: 6 x matmul parameters per position they run at) over
-the best 2048^3 `torch.matmul` of the same precision, measured here first.
+the best and over the median of nine 2048^3 `torch.matmul`s of the same precision, measured here first.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,7 +49,10 @@ def main() -> None:
     parser.add_argument("--tokenizer", default=str(ROOT / "tokenizers" / "shared-wordpiece-16k"))
     parser.add_argument("--steps", type=int, default=6, help="timed steps, after 3 untimed")
     parser.add_argument("--profile", action="store_true", help="then profile 3 steps")
+    parser.add_argument("--matmuls", action="store_true", help="time the encoder's matmul shapes, no step")
     args = parser.parse_args()
+    if args.matmuls:
+        return time_matmuls(args)
 
     from mlm_pretrain.models import ModelRecipe, build_model
     from mlm_pretrain.objectives.mlm import SparseMLM
@@ -53,7 +63,7 @@ def main() -> None:
     print(machine(), flush=True)
     torch.set_num_threads(os.cpu_count() or 1)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    ceiling = matmul_flops(dtype)
+    ceiling, typical = matmul_flops(dtype)
     layers, hidden = shape(args.shape)
     tokenizer = load_tokenizer(args.tokenizer)
     torch.manual_seed(0)
@@ -100,7 +110,9 @@ def main() -> None:
         f"{args.type} {args.shape}, batch {args.batch} x {args.seq_len}, {args.precision}, "
         f"compile {args.compile}, attention {args.attention}: median step {1000 * seconds:.0f} ms, "
         f"{tokens / seconds:,.0f} tokens/s, {flops / seconds / 1e9:.0f} GFLOP/s, "
-        f"MFU {100 * flops / seconds / ceiling:.1f}% of {ceiling / 1e9:.0f} GFLOP/s ({args.precision} matmul)"
+        f"MFU {100 * flops / seconds / ceiling:.1f}% of the best {args.precision} 2048^3 matmul "
+        f"({ceiling / 1e9:.0f} GFLOP/s), {100 * flops / seconds / typical:.1f}% of the median one "
+        f"({typical / 1e9:.0f})"
     )
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -111,6 +123,55 @@ def main() -> None:
         print(
             prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
         )
+
+
+def time_matmuls(args: argparse.Namespace) -> None:
+    """GFLOP/s of each linear layer's three matmuls at this shape beside the 2048^3 one's, 3 rounds."""
+    print(machine(), flush=True)
+    torch.set_num_threads(os.cpu_count() or 1)
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    _, hidden = shape(args.shape)
+    rows = args.batch * args.seq_len
+    # each kind holds 4 H^2 weights (four H x H projections; H x 4H; 4H x H), so equal shares of the FLOPs
+    layers = {
+        "attention q/k/v/out": (hidden, hidden),
+        "up (H->4H)": (hidden, 4 * hidden),
+        "down (4H->H)": (4 * hidden, hidden),
+    }
+
+    def rate(product, flops: float) -> float:
+        """The median of 5 calls, to compare with the square product's median."""
+        product()
+        return flops / statistics.median(timed(product) for _ in range(5))
+
+    for round_ in range(3):
+        ceiling, typical = matmul_flops(dtype)
+        line = [
+            f"round {round_ + 1}: {args.precision} 2048^3 best {ceiling / 1e9:.0f}, "
+            f"median {typical / 1e9:.0f} GFLOP/s"
+        ]
+        rates = []
+        for name, (fan_in, fan_out) in layers.items():
+            x, w = torch.randn(rows, fan_in, dtype=dtype), torch.randn(fan_out, fan_in, dtype=dtype)
+            g = torch.randn(rows, fan_out, dtype=dtype)
+            flops = 2 * rows * fan_in * fan_out
+            forward = rate(partial(torch.nn.functional.linear, x, w), flops)
+            grad_input = rate(partial(torch.matmul, g, w), flops)
+            grad_weight = rate(partial(torch.matmul, x.t(), g), flops)
+            line.append(
+                f"{name} [{rows}x{fan_in}]x[{fan_in}x{fan_out}]: forward {forward / 1e9:.0f}, "
+                f"grad input {grad_input / 1e9:.0f}, grad weight {grad_weight / 1e9:.0f}"
+            )
+            rates += [forward, grad_input, grad_weight]
+        mix = len(rates) / sum(1 / r for r in rates)  # equal FLOPs each: the time-weighted rate
+        line.append(f"the encoder's mix: {mix / 1e9:.0f} GFLOP/s, {100 * mix / typical:.0f}% of the median")
+        print("\n    ".join(line), flush=True)
+
+
+def timed(product) -> float:
+    start = time.perf_counter()
+    product()
+    return time.perf_counter() - start
 
 
 if __name__ == "__main__":

@@ -72,6 +72,32 @@ def test_state_dict_restores_the_exact_next_block_with_shuffling_and_ranks(token
         assert all((a == b).all() for a, b in zip(full[rank::2], mine, strict=True))
 
 
+def test_tokenizer_batches_grow_from_a_small_first_one_and_change_no_block(tokenizer, monkeypatch):
+    monkeypatch.setattr(BlockStream, "FIRST_BATCH_DOCS", 8)
+
+    def make(docs_per_batch: int) -> tuple[BlockStream, list[int]]:
+        stream = BlockStream(moby(seed=3), tokenizer, 64, docs_per_batch=docs_per_batch)
+        sizes, encode = [], stream._encode
+        stream._encode = lambda batch, **kw: sizes.append(len(batch)) or encode(batch, **kw)
+        return stream, sizes
+
+    growing, sizes = make(64)
+    it = iter(growing)
+    blocks = [next(it) for _ in range(300)]
+    assert sizes[:5] == [8, 16, 32, 64, 64]
+    constant, constant_sizes = make(8)
+    assert all((a == b).all() for a, b in zip(blocks, constant, strict=False))
+    assert set(constant_sizes) == {8}
+
+    # a resumed stream starts again from a small batch and yields what the first would have yielded
+    state = growing.state_dict()
+    expected = [next(it) for _ in range(200)]
+    resumed, resumed_sizes = make(64)
+    resumed.load_state_dict(state)
+    got = [b for _, b in zip(range(200), resumed, strict=False)]
+    assert resumed_sizes[0] == 8 and all((a == b).all() for a, b in zip(expected, got, strict=True))
+
+
 def test_shuffle_buffer_changes_the_order_not_the_content(tokenizer):
     plain = list(BlockStream(moby(), tokenizer, 128))
     shuffled = list(BlockStream(moby(), tokenizer, 128, shuffle_buffer=100, seed=1))

@@ -67,7 +67,7 @@ def matmul_parameters(config) -> tuple[int, int]:
 def matmul_flops(dtype, n: int = 2048, calls: int = 9) -> tuple[float, float]:
     """The best and the median rate of `calls` n^3 `torch.matmul`s in `dtype` (after one untimed), in
     FLOP/s: the ceilings MFU is measured against. On these CPUs bf16 is fast only with AMX or AVX512-BF16.
-    Both, because on the 2-core KVM guests here the bf16 rate switches between two states (550-650 and
+    Both, because on the 2-core KVM guests here the bf16 rate switches between two states (~450-650 and
     1,300-1,900 GFLOP/s) from one call to the next: the best call measures the fast state whenever one call
     falls in it, the median comes nearer the rate a seconds-long training step gets."""
     import torch

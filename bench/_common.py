@@ -64,6 +64,18 @@ def matmul_parameters(config) -> tuple[int, int]:
     return encoder, c.hidden_size**2 + c.hidden_size * c.vocab_size
 
 
+def call_rates(product, flops: float, calls: int) -> tuple[float, float]:
+    """The best and the median rate, in FLOP/s, of `calls` timed calls of `product` (after one untimed),
+    each doing `flops`."""
+    product()
+    seconds = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        product()
+        seconds.append(time.perf_counter() - start)
+    return flops / min(seconds), flops / statistics.median(seconds)
+
+
 def matmul_flops(dtype, n: int = 2048, calls: int = 9) -> tuple[float, float]:
     """The best and the median rate of `calls` n^3 `torch.matmul`s in `dtype` (after one untimed), in
     FLOP/s: the ceilings MFU is measured against. On these CPUs bf16 is fast only with AMX or AVX512-BF16.
@@ -73,13 +85,7 @@ def matmul_flops(dtype, n: int = 2048, calls: int = 9) -> tuple[float, float]:
     import torch
 
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.matmul(a, b)
-    seconds = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        seconds.append(time.perf_counter() - start)
-    return 2 * n**3 / min(seconds), 2 * n**3 / statistics.median(seconds)
+    return call_rates(lambda: torch.matmul(a, b), 2 * n**3, calls)
 
 
 def direction(ratio: float, peer: str) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from contextlib import nullcontext
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, machine, matmul_flops, matmul_parameters, shape  # noqa: E402
+from _common import ROOT, call_rates, machine, matmul_flops, matmul_parameters, shape  # noqa: E402
 
 
 def main() -> None:
@@ -139,11 +138,6 @@ def time_matmuls(args: argparse.Namespace) -> None:
         "down (4H->H)": (4 * hidden, hidden),
     }
 
-    def rate(product, flops: float) -> float:
-        """The median of 5 calls, to compare with the square product's median."""
-        product()
-        return flops / statistics.median(timed(product) for _ in range(5))
-
     for round_ in range(3):
         ceiling, typical = matmul_flops(dtype)
         line = [
@@ -155,9 +149,10 @@ def time_matmuls(args: argparse.Namespace) -> None:
             x, w = torch.randn(rows, fan_in, dtype=dtype), torch.randn(fan_out, fan_in, dtype=dtype)
             g = torch.randn(rows, fan_out, dtype=dtype)
             flops = 2 * rows * fan_in * fan_out
-            forward = rate(partial(torch.nn.functional.linear, x, w), flops)
-            grad_input = rate(partial(torch.matmul, g, w), flops)
-            grad_weight = rate(partial(torch.matmul, x.t(), g), flops)
+            # medians of 5 calls, to compare with the square product's median
+            _, forward = call_rates(partial(torch.nn.functional.linear, x, w), flops, 5)
+            _, grad_input = call_rates(partial(torch.matmul, g, w), flops, 5)
+            _, grad_weight = call_rates(partial(torch.matmul, x.t(), g), flops, 5)
             line.append(
                 f"{name} [{rows}x{fan_in}]x[{fan_in}x{fan_out}]: forward {forward / 1e9:.0f}, "
                 f"grad input {grad_input / 1e9:.0f}, grad weight {grad_weight / 1e9:.0f}"
@@ -166,12 +161,6 @@ def time_matmuls(args: argparse.Namespace) -> None:
         mix = len(rates) / sum(1 / r for r in rates)  # equal FLOPs each: the time-weighted rate
         line.append(f"the encoder's mix: {mix / 1e9:.0f} GFLOP/s, {100 * mix / typical:.0f}% of the median")
         print("\n    ".join(line), flush=True)
-
-
-def timed(product) -> float:
-    start = time.perf_counter()
-    product()
-    return time.perf_counter() - start
 
 
 if __name__ == "__main__":

@@ -6,35 +6,34 @@ It builds the step from the trainer's parts (`build_model`, `SparseMLM`, `build_
 table shows the model's own cost. `--attention` picks the attention implementation, to compare what
 `parallel.attention_for` chooses with the alternative.
 
-    python bench/profile_step.py --shape 8x512 --precision bf16 --compile --attention sdpa --profile
-    python bench/profile_step.py --shape 8x512 --precision bf16 --compile --attention eager --profile
-    python bench/profile_step.py --shape 8x512 --precision bf16 --matmuls   # the encoder's GEMMs alone
+    python -m bench.profile_step --shape 8x512 --precision bf16 --compile --attention sdpa --profile
+    python -m bench.profile_step --shape 8x512 --precision bf16 --compile --attention eager --profile
+    python -m bench.profile_step --shape 8x512 --precision bf16 --matmuls   # the encoder's GEMMs alone
 
 `--matmuls` times, instead of the step, each matmul shape of the encoder's linear layers as training calls
 it (forward `x @ W^T`, input gradient `g @ W`, weight gradient `x^T @ g`, over batch x seq rows), beside
 the square ceiling, alternated, so the rate the model's own matmuls can reach is measured in the same minute.
 
-MFU is achieved FLOP/s (bench_pretrain.py's count: 6 x matmul parameters per position they run at) over
-the best and over the median of nine 2048^3 `torch.matmul`s of the same precision, measured here first.
+MFU is achieved FLOP/s (`bench.measure.flops_per_token`, the FLOPs our sparse head executes) over the best
+and over the median of nine 2048^3 `torch.matmul`s of the same precision, measured here first.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from contextlib import nullcontext
 from functools import partial
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, call_rates, machine, matmul_flops, matmul_parameters, shape  # noqa: E402
+from bench.measure import call_rates, flops_per_token, machine, matmul_flops
+from bench.pretrain_speed import shape
+from bench.sides import ROOT
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -46,23 +45,37 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="compile each layer and the head")
     parser.add_argument("--attention", default="sdpa", choices=["sdpa", "eager"])
     parser.add_argument("--tokenizer", default=str(ROOT / "tokenizers" / "shared-wordpiece-16k"))
-    parser.add_argument("--steps", type=int, default=6, help="timed steps, after 3 untimed")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps, after 4 untimed")
     parser.add_argument("--profile", action="store_true", help="then profile 3 steps")
     parser.add_argument("--matmuls", action="store_true", help="time the encoder's matmul shapes, no step")
-    args = parser.parse_args()
-    if args.matmuls:
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--matmul-n", type=int, default=2048, help="the square ceiling's size")
+    parser.add_argument("--rounds", type=int, default=3, help="of --matmuls")
+    parser.add_argument("--smoke", action="store_true", help="a profiled 2x64 step, then --matmuls; seconds")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.shape, args.batch, args.seq_len, args.precision, args.steps = "2x64", 4, 32, "fp32", 2
+        args.threads = 1
+        args.tokenizer, args.profile, args.matmul_n, args.rounds = (
+            str(ROOT / "tokenizers/default-wordpiece-8k"),
+            True,
+            256,
+            1,
+        )
+    elif args.matmuls:
         return time_matmuls(args)
 
-    from mlm_pretrain.models import ModelRecipe, build_model
+    from mlm_pretrain.models import build_model
     from mlm_pretrain.objectives.mlm import SparseMLM
     from mlm_pretrain.optim import build_optimizer
     from mlm_pretrain.parallel import clip_grad_norm, encoder_layers
+    from mlm_pretrain.schema import ModelRecipe
     from mlm_pretrain.tokenizer import load_tokenizer
 
     print(machine(), flush=True)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    ceiling, typical = matmul_flops(dtype)
+    ceiling, typical = matmul_flops(dtype, args.matmul_n)
     layers, hidden = shape(args.shape)
     tokenizer = load_tokenizer(args.tokenizer)
     torch.manual_seed(0)
@@ -97,19 +110,14 @@ def main() -> None:
     for _ in range(3):
         step()
     print(f"3 untimed steps (compilation included): {time.perf_counter() - start:.1f} s")
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    seconds = sorted(times)[len(times) // 2]
-    encoder, head = matmul_parameters(model.config)
-    flops = 6 * (encoder + 0.15 * head) * tokens
+    flops = flops_per_token(model.config, args.seq_len, 0.15)["exec_ours"] * tokens
+    _, median = call_rates(step, flops, args.steps)
+    seconds = flops / median
     print(
         f"{args.type} {args.shape}, batch {args.batch} x {args.seq_len}, {args.precision}, "
         f"compile {args.compile}, attention {args.attention}: median step {1000 * seconds:.0f} ms, "
         f"{tokens / seconds:,.0f} tokens/s, {flops / seconds / 1e9:.0f} GFLOP/s, "
-        f"MFU {100 * flops / seconds / ceiling:.1f}% of the best {args.precision} 2048^3 matmul "
+        f"MFU {100 * flops / seconds / ceiling:.1f}% of the best {args.precision} {args.matmul_n}^3 matmul "
         f"({ceiling / 1e9:.0f} GFLOP/s), {100 * flops / seconds / typical:.1f}% of the median one "
         f"({typical / 1e9:.0f})"
     )
@@ -122,12 +130,14 @@ def main() -> None:
         print(
             prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
         )
+    if args.smoke:
+        time_matmuls(args)
 
 
 def time_matmuls(args: argparse.Namespace) -> None:
-    """GFLOP/s of each linear layer's three matmuls at this shape beside the 2048^3 one's, 3 rounds."""
+    """GFLOP/s of each linear layer's three matmuls at this shape beside the square one's, in rounds."""
     print(machine(), flush=True)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     _, hidden = shape(args.shape)
     rows = args.batch * args.seq_len
@@ -138,10 +148,10 @@ def time_matmuls(args: argparse.Namespace) -> None:
         "down (4H->H)": (4 * hidden, hidden),
     }
 
-    for round_ in range(3):
-        ceiling, typical = matmul_flops(dtype)
+    for round_ in range(args.rounds):
+        ceiling, typical = matmul_flops(dtype, args.matmul_n)
         line = [
-            f"round {round_ + 1}: {args.precision} 2048^3 best {ceiling / 1e9:.0f}, "
+            f"round {round_ + 1}: {args.precision} {args.matmul_n}^3 best {ceiling / 1e9:.0f}, "
             f"median {typical / 1e9:.0f} GFLOP/s"
         ]
         rates = []

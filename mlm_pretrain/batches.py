@@ -17,14 +17,16 @@ one exactly.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from mlm_pretrain.objectives.mlm import MaskingConfig, mask_batch
+from mlm_pretrain.objectives.mlm import mask_batch
 from mlm_pretrain.packing import BlockStream, TokenInfo, collate
+from mlm_pretrain.schema import MaskingRecipe, micro_batches
 
 STEP_SEED = 1_000_003  # masks of step s come from seed * STEP_SEED + s
 
@@ -81,7 +83,7 @@ class MLMBatches:
         self,
         stream: BlockStream,
         info: TokenInfo,
-        masking: MaskingConfig,
+        masking: MaskingRecipe,
         *,
         seed: int,
         micro_batch_size: int,
@@ -134,8 +136,9 @@ class MLMBatches:
 
 
 def training_batches(recipe, tokenizer, info: TokenInfo, *, device, rank: int, world_size: int) -> MLMBatches:
-    """The training steps a pretraining recipe (`trainer.PretrainRecipe`) describes, for one rank: its
-    corpus streamed for as many epochs as the run takes, packed, shuffled, masked."""
+    """The training steps a pretraining recipe (`schema.PretrainRecipe`) describes, for one rank: its
+    corpus streamed for as many epochs as the run takes, packed, shuffled, masked, in micro-batches of at
+    most `optim.micro_batch_size` blocks (`schema.micro_batches`)."""
     from mlm_pretrain.corpus import TextStream
 
     data, optim = recipe.data, recipe.optim
@@ -149,13 +152,14 @@ def training_batches(recipe, tokenizer, info: TokenInfo, *, device, rank: int, w
         rank=rank,
         world_size=world_size,
     )
+    micro, accumulation = micro_batches(optim.batch_size, optim.micro_batch_size, world_size)
     return MLMBatches(
         stream,
         info,
         recipe.mlm,
         seed=recipe.seed,
-        micro_batch_size=optim.micro_batch_size,
-        accumulation=optim.batch_size // (optim.micro_batch_size * world_size),
+        micro_batch_size=micro,
+        accumulation=accumulation,
         device=device,
         rank=rank,
         world_size=world_size,
@@ -168,28 +172,33 @@ EVAL_SEED = 20_240_601  # evaluation masks are the same at every evaluation of e
 def evaluation_batches(
     stream: BlockStream,
     info: TokenInfo,
-    masking: MaskingConfig,
+    masking: MaskingRecipe,
     *,
     micro_batch_size: int,
     max_blocks: int,
     device: torch.device,
-    rank: int = 0,
-    world_size: int = 1,
-) -> Iterator[MicroBatch]:
-    """Micro-batches of held-out blocks masked at `eval_mask_rate`, the same masks at every call."""
-    blocks = iter(stream)
-    for index in range(-(-max_blocks // (micro_batch_size * world_size))):
-        chunk = [b for _, b in zip(range(micro_batch_size), blocks, strict=False)]
-        if not chunk:
-            return
-        batch = collate(chunk, info)
-        generator = torch.Generator().manual_seed(EVAL_SEED + index)
-        rows = torch.arange(len(chunk)) * world_size + rank
-        corrupted, predict = mask_batch(
-            batch, info, masking, generator, rows, micro_batch_size * world_size, evaluating=True
-        )
+) -> list[MicroBatch]:
+    """The first `max_blocks` held-out blocks in micro-batches, each block masked at `eval_mask_rate` by
+    a generator seeded with its index: the same masks at every call, whatever the micro-batch size or
+    the number of processes (every process makes them all; `trainer.evaluate` shares them out)."""
+    blocks = list(itertools.islice(stream, max_blocks))
+    out = []
+    for start in range(0, len(blocks), micro_batch_size):
+        batch = collate(blocks[start : start + micro_batch_size], info)
+        rows = [
+            mask_batch(
+                {key: value[i : i + 1] for key, value in batch.items()},
+                info,
+                masking,
+                torch.Generator().manual_seed(EVAL_SEED + start + i),
+                evaluating=True,
+            )
+            for i in range(len(batch["input_ids"]))
+        ]
+        corrupted, predict = (torch.cat(part) for part in zip(*rows, strict=True))
         parts = masked_micro_batch(batch["input_ids"], batch["attention_mask"], corrupted, predict)
-        yield MicroBatch(**to_device(parts, torch.device(device)))
+        out.append(MicroBatch(**to_device(parts, torch.device(device))))
+    return out
 
 
 class Prefetched:

@@ -5,8 +5,10 @@ trainer's counters, and per rank the RNG states and the data stream's position. 
 temporary name, fsynced, described by `manifest.json` (each file's size and sha256) and only then
 renamed, so a crash mid-save never leaves a directory that looks like a checkpoint. One damaged later
 (a truncated copy, a bad disk) no longer matches its manifest: resuming skips it, with a warning, for
-the newest one that does. Loading never unpickles code: weights come from safetensors, the optimizer
-and RNG states through `torch.load(weights_only=True)`, the stream position from JSON.
+the newest one that does. Weights come from safetensors, the optimizer and RNG states through
+`torch.load(weights_only=True)`, the stream position from JSON; but under FSDP, DCP reads its metadata
+and the optimizer's non-tensor entries with pickle, which runs whatever code a writer put there. So a
+checkpoint of any kind is resumed only when no other user can have written it (`check_trusted`).
 
 A full disk while writing a checkpoint or an export removes what was half written, leaves what was
 there before as it was, and raises `DiskFullError` (in every process of a run).
@@ -22,8 +24,10 @@ import os
 import random
 import re
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,25 +40,31 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 DATA = "data.json"  # the data stream's position
+TRAINER_STATE = "trainer_state.json"
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 BYTES_PER_PARAMETER = 12  # fp32 weights and AdamW's two fp32 moments
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _CHUNK = 1 << 20
-_OK, _FAILED, _FULL = 0, 1, 2  # how a rank's part of a checkpoint went
 
 
-def save_checkpoint(
-    run_dir: Path,
-    step: int,
-    accelerator,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    data_state: dict,
-    trainer_state: dict,
-    keep_last: int,
-) -> Path:
-    """Write checkpoint `step` of an MLM run atomically (all ranks call this), keep the newest `keep_last`.
+@dataclass
+class CheckpointFiles:
+    """An objective's part of a checkpoint: what each rank writes on its own (`per_rank(partial, rank)`,
+    local files only), what all ranks write together (`collective(partial)`: DCP's sharded save, whose
+    collectives every rank must enter), and what the main process writes (`shared(partial)`). The run
+    adds `trainer_state.json` (its counters). `size_estimate` (bytes) is what a disk-full message quotes
+    until there is an earlier checkpoint to measure."""
+
+    per_rank: Callable[[Path, int], None]
+    shared: Callable[[Path], None] = lambda partial: None
+    collective: Callable[[Path], None] | None = None
+    size_estimate: int | None = None
+    sharded: bool = False
+
+
+def mlm_files(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data_state: dict):
+    """A torch objective's checkpoint (every rank calls this).
 
     The model and optimizer go in whole (safetensors, torch) under DDP, and as every process's shards
     through torch.distributed.checkpoint (DCP) under FSDP, which can load them into any number of
@@ -66,47 +76,46 @@ def save_checkpoint(
     unwrapped = accelerator.unwrap_model(model)
     sharded = is_sharded(unwrapped)
 
-    def write_rank_files(partial: Path, rank: int) -> None:
+    def per_rank(partial: Path, rank: int) -> None:
         torch_save({"torch": torch.get_rng_state(), "python": random.getstate()}, partial / f"rng-{rank}.pt")
         if rank == accelerator.num_processes - 1:
             (partial / DATA).write_text(json.dumps(data_state, default=_jsonable))
-        if sharded:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict
 
-            model_state, optimizer_state = get_state_dict(unwrapped, optimizer)
-            dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=partial)
+    def collective(partial: Path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    def write_shared_files(partial: Path) -> None:
+        model_state, optimizer_state = get_state_dict(unwrapped, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=partial)
+
+    def shared(partial: Path) -> None:
         if not sharded:
             save_model(unwrapped, str(partial / "model.safetensors"))
             torch_save(optimizer.state_dict(), partial / "optimizer.pt")
-        state = {**trainer_state, "processes": accelerator.num_processes, "sharded": sharded}
-        (partial / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
-    estimate = checkpoint_size_estimate(unwrapped)
-    return write_atomically(
-        run_dir, step, accelerator, write_rank_files, write_shared_files, keep_last, estimate
+    return CheckpointFiles(
+        per_rank,
+        shared,
+        collective if sharded else None,
+        size_estimate=checkpoint_size_estimate(unwrapped),
+        sharded=sharded,
     )
 
 
 def write_atomically(
-    run_dir: Path,
-    step: int,
-    accelerator,
-    write_rank_files: Callable[[Path, int], None],
-    write_shared_files: Callable[[Path], None],
-    keep_last: int,
-    size_estimate: int | None = None,
+    run_dir: Path, step: int, accelerator, files: CheckpointFiles, counters: dict, keep_last: int
 ) -> Path:
-    """The checkpoint protocol: every rank writes its files into `step-N.partial`, the main process its
-    shared ones; once all have, the main process fsyncs them, writes the manifest, renames the directory
-    `step-N` (atomic) and removes older ones beyond `keep_last`.
+    """Write checkpoint `step` (all ranks call this), keep the newest `keep_last`.
+
+    Every rank writes its files into `step-N.partial`, then all together their collective part, then
+    the main process its shared ones, `trainer_state.json` (`counters` and how the checkpoint was
+    written) and a copy of the run's `recipe.yaml`; once all have, the main process fsyncs them,
+    writes the manifest, renames the directory `step-N` (atomic) and removes older ones beyond
+    `keep_last`; what it wrote is made writable by its owner only (`check_trusted`).
 
     After each stage the ranks agree on whether it worked everywhere, so that a rank that failed (a full
-    disk, most likely) never leaves the others waiting at a barrier: every rank raises, the partial
-    directory goes, and the checkpoints before it are untouched. `size_estimate` (bytes) is what the
-    disk-full message quotes until there is an earlier checkpoint to measure.
+    disk, most likely) never leaves the others waiting in a collective it skipped: every rank raises,
+    the partial directory goes, and the checkpoints before it are untouched.
     """
     root = Path(run_dir) / CHECKPOINTS
     final = root / f"step-{step:06d}"
@@ -115,29 +124,51 @@ def write_atomically(
 
     def prepare() -> None:
         if main:
-            shutil.rmtree(partial, ignore_errors=True)  # left by a crash: never trusted
+            # left by a crash of a job on this run directory, whose lock this job holds: ours to remove
+            # (unlike `atomic_directory`'s leftovers, which no lock vouches for), never trusted
+            shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
 
-    def write() -> None:
-        write_rank_files(partial, accelerator.process_index)
+    def per_rank() -> None:
+        files.per_rank(partial, accelerator.process_index)
+
+    def collective() -> None:
+        if files.collective is not None:
+            files.collective(partial)
+
+    def shared() -> None:
         if main:
-            write_shared_files(partial)
+            files.shared(partial)
+            if (Path(run_dir) / "recipe.yaml").exists():  # the plan, under the manifest with the rest
+                shutil.copy2(Path(run_dir) / "recipe.yaml", partial / "recipe.yaml")
+            state = {**counters, "processes": accelerator.num_processes, "sharded": files.sharded}
+            (partial / TRAINER_STATE).write_text(json.dumps(state, indent=2))
 
     def publish() -> None:
         if main:
             _write_manifest(partial)
-            shutil.rmtree(final, ignore_errors=True)  # a damaged one that resuming skipped, or a re-save
+            # resuming refuses what others could have written (`check_trusted`), whatever the umask
+            for written in (root, partial, *partial.iterdir()):
+                written.chmod(stat.S_IMODE(written.stat().st_mode) & ~(stat.S_IWGRP | stat.S_IWOTH))
+            # a damaged copy that resuming skipped; never a verified one, which a crash here would lose
+            if final.exists():
+                try:
+                    verify_checkpoint(final)
+                except InputError:
+                    shutil.rmtree(final)
+                else:
+                    raise InputError(f"{final} exists and is complete: not overwritten")
             partial.rename(final)
             _fsync_directory(root)
             _prune(run_dir, keep_last, final)
 
     def disk_full() -> DiskFullError:
         previous = complete_checkpoints(run_dir)
-        needed = _directory_size(previous[-1][1]) if previous else size_estimate
+        needed = _directory_size(previous[-1][1]) if previous else files.size_estimate
         advice = "free some space and continue with --resume: the checkpoints before it are as they were"
         return disk_full_error(final, advice, needed)
 
-    for stage in (prepare, write, publish):
+    for stage in (prepare, per_rank, collective, shared, publish):
         _on_every_rank(accelerator, stage, partial, disk_full)
     return final
 
@@ -160,8 +191,29 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         except InputError as err:
             log.warning("skipping checkpoint %s: %s", path, err)
             continue
+        check_trusted(path)
         return path
     return None
+
+
+def check_trusted(path: Path) -> None:
+    """Raise `InputError` unless checkpoint `path`, its files and the directory holding it are owned by
+    this user and writable by no one else: such a checkpoint may be loaded with pickle. (The manifest
+    proves nothing here: whoever can write the checkpoint can rewrite it.)"""
+    uid = os.getuid()
+    for file in (path.parent, path, *sorted(path.rglob("*"))):
+        info = file.stat()
+        if info.st_uid != uid:
+            problem, fix = f"is owned by uid {info.st_uid}, not this user (uid {uid})", "chown -R and "
+        elif info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            problem, fix = f"is writable by others than its owner ({stat.filemode(info.st_mode)})", ""
+        else:
+            continue
+        raise InputError(
+            f"{file} {problem}: resuming may unpickle a checkpoint (DCP's metadata under FSDP), which runs "
+            f"whatever code its writer put there. If every checkpoint there is yours, {fix}`chmod -R go-w "
+            f"{path.parent}`, then resume; else start afresh in another --out"
+        )
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -196,10 +248,17 @@ def verify_checkpoint(path: Path) -> None:
             raise InputError(f"{file} does not match its sha256 in the manifest: damaged")
 
 
+def read_trainer_state(path: Path) -> dict:
+    """The run's counters in checkpoint `path`, and how it was written (processes, sharded)."""
+    with loading(path / TRAINER_STATE) as file:
+        return json.loads(file.read_text())
+
+
 def load_checkpoint(
     path: Path, accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[dict, dict]:
-    """Restore model, optimizer and this rank's RNG states; return (data state, trainer state).
+) -> dict:
+    """Restore model, optimizer and this rank's RNG states from a `mlm_files` checkpoint; return the
+    data state.
     A file that cannot be loaded raises `InputError` naming it.
 
     A checkpoint resumes with another number of processes: the model and optimizer are whole (DDP) or
@@ -209,26 +268,25 @@ def load_checkpoint(
     from mlm_pretrain.parallel import is_sharded
 
     unwrapped = accelerator.unwrap_model(model)
-    with _loading(path / "trainer_state.json") as file:
-        trainer_state = json.loads(file.read_text())
+    trainer_state = read_trainer_state(path)
     if is_sharded(unwrapped):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        with _loading(path / ".metadata"):
+        with loading(path / ".metadata"):
             model_state, optimizer_state = get_state_dict(unwrapped, optimizer)
             dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=path)
             set_state_dict(
                 unwrapped, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state
             )
     else:
-        with _loading(path / "model.safetensors") as file:
+        with loading(path / "model.safetensors") as file:
             load_model(unwrapped, str(file))
-        with _loading(path / "optimizer.pt") as file:
+        with loading(path / "optimizer.pt") as file:
             optimizer.load_state_dict(torch.load(file, weights_only=True))
     rng_file = path / f"rng-{accelerator.process_index}.pt"
     if rng_file.exists():
-        with _loading(rng_file):
+        with loading(rng_file):
             rng = torch.load(rng_file, weights_only=True)
             torch.set_rng_state(rng["torch"])
             random.setstate(_as_tuples(rng["python"]))
@@ -240,69 +298,58 @@ def load_checkpoint(
             trainer_state["processes"],
             accelerator.num_processes,
         )
-    with _loading(path / DATA) as file:
-        data_state = json.loads(file.read_text())
-    return data_state, trainer_state
-
-
-def export_model(
-    model: torch.nn.Module,
-    tokenizer,
-    out_dir: Path,
-    card: str,
-    recipe_yaml: str,
-    state: dict[str, torch.Tensor] | None = None,
-) -> Path:
-    """A Hugging Face directory: config.json, model.safetensors, tokenizer files, README.md, recipe.yaml.
-    Written whole under a temporary name (`atomic_directory`), it replaces an older one only when complete.
-
-    It loads under transformers 4.x as under 5 (`portable_config`, `save_tokenizer`), and the tokenizer's
-    `model_max_length` is the positions the model has, so `truncation=True` (pipelines, `Trainer`) cuts
-    long inputs to what the model takes. No BERT pooler is written: the masked-LM model has none to
-    train, so it would be random weights that loading for masked LM reports as unused; loading for
-    classification reports the pooler and the classifier as new, the head fine-tuning trains.
-    `state` (default: the model's own) is the weights to write: with FSDP, the model's parameters are
-    shards and the caller passes the gathered whole.
-    """
-    from mlm_pretrain.models import make_config_portable, usable_positions
-    from mlm_pretrain.tokenizer import save_tokenizer
-
-    out_dir = Path(out_dir)
-    state = model.state_dict() if state is None else state
-    weights = sum(t.numel() * t.element_size() for t in state.values())
-    with atomic_directory(out_dir, size_estimate=weights) as partial:
-        model.save_pretrained(partial, state_dict=state, safe_serialization=True)
-        make_config_portable(partial)
-        save_tokenizer(tokenizer, partial, model_max_length=usable_positions(model.config))
-        (partial / "README.md").write_text(card)
-        (partial / "recipe.yaml").write_text(recipe_yaml)
-    return out_dir
+    with loading(path / DATA) as file:
+        return json.loads(file.read_text())
 
 
 @contextmanager
-def atomic_directory(path: Path, size_estimate: int | None = None) -> Iterator[Path]:
+def atomic_directory(path: Path, size_estimate: int | None = None, locked: bool = False) -> Iterator[Path]:
     """Yield `<path>.partial` to write a directory into; when the block ends, fsync it and rename it
     `path`, moving an older `path` aside (`<path>.old`, then removed) only then. If the block raises,
     the partial directory is removed and `path` is as it was; a full disk raises `DiskFullError`
     quoting `size_estimate` bytes (or the older directory's size) as what is needed.
 
     A crash between the two renames leaves `<path>.old` and no `path`, never a half-written `path`.
+    Only what this call created is removed: a `<path>.partial` or `<path>.old` already there (another
+    process writing `path` now, or a crash's leftover: no lock tells which) raises `InputError`
+    naming it, and is left as it is, unless `locked`: the caller holds the lock of the run directory
+    `path` lies in (`run_dir.hold_run_dir`), so they are a crashed job's on it: the `.old` (the `path`
+    before that job's write) goes back where `path` is missing and is removed where it is not, the
+    `.partial` is removed.
     """
     path = Path(path)
     partial = path.with_name(f"{path.name}.partial")
     aside = path.with_name(f"{path.name}.old")
-    shutil.rmtree(partial, ignore_errors=True)  # left by a crash: never trusted
+    if locked:
+        if os.path.lexists(aside) and not os.path.lexists(path):
+            aside.rename(path)
+        shutil.rmtree(aside, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
+    if os.path.lexists(aside):
+        raise InputError(
+            f"{aside} exists: an earlier write of {path} stopped between its two renames, and it holds "
+            f"the {path.name} before that write; keep what you need of it, remove it and try again"
+        )
+    created = False
     try:
-        partial.mkdir(parents=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            partial.mkdir()  # not exist_ok: one already there is not ours
+        except FileExistsError:
+            raise InputError(
+                f"{partial} exists: another process is writing {path} now, or one was interrupted; if "
+                f"none is, remove it (it is never taken for {path.name}) and try again"
+            ) from None
+        created = True
         yield partial
         _fsync_tree(partial)
         if path.exists():
-            shutil.rmtree(aside, ignore_errors=True)
             path.rename(aside)
         partial.rename(path)
         _fsync_directory(path.parent)
     except Exception as err:
-        shutil.rmtree(partial, ignore_errors=True)
+        if created:
+            shutil.rmtree(partial, ignore_errors=True)
         if aside.exists() and not path.exists():  # the final rename failed: the old one returns
             aside.rename(path)
         if is_disk_full(err):
@@ -370,30 +417,52 @@ def warn_if_disk_low(run_dir: Path, bytes_per_checkpoint: int) -> bool:
     return True
 
 
+class WriteFailed(Exception):
+    """A checkpoint stage failed on some rank; every rank raises it, naming that rank (`rank`) and its
+    error, so that every rank reports the same failure."""
+
+    def __init__(self, message: str, rank: int):
+        super().__init__(message)
+        self.rank = rank
+
+
 def _on_every_rank(
     accelerator, stage: Callable[[], None], partial: Path, disk_full: Callable[[], DiskFullError]
 ) -> None:
     """Run `stage` here, then learn from every rank whether it worked there. A rank that raised on its
     own would leave the others waiting at the next collective for good: if any failed, the partial
-    directory goes and every rank raises, `disk_full()` if any rank found the disk full."""
+    directory goes and every rank raises the same error (of the lowest rank that failed), `disk_full()`
+    if any rank found the disk full."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
     error = None
     try:
         stage()
-    except Exception as err:
+    except (Exception, CheckpointException) as err:  # DCP's error is a BaseException
         error = err
-    codes = torch.zeros(accelerator.num_processes, device=accelerator.device)
-    codes[accelerator.process_index] = _FULL if is_disk_full(error) else _FAILED if error else _OK
-    codes = accelerator.reduce(codes, "sum").tolist()
-    if not any(codes):
+    outcome = None
+    if error is not None:
+        # DCP raises on every rank what failed on some: it names them
+        failures = getattr(error, "failures", None) if isinstance(error, CheckpointException) else None
+        origin = min(failures) if failures else accelerator.process_index
+        outcome = (origin, is_disk_full(error), f"{type(error).__name__}: {error}")
+    outcomes = [outcome]
+    if accelerator.num_processes > 1:
+        outcomes = [None] * accelerator.num_processes
+        torch.distributed.all_gather_object(outcomes, outcome)
+    failed = sorted(outcome for outcome in outcomes if outcome is not None)
+    if not failed:
         return
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
-    if _FULL in codes:
-        raise disk_full() from error
-    if error is not None:
+    origin, _, text = failed[0]
+    if any(full for _, full, _ in failed):
+        agreed = disk_full()
+        agreed.rank = origin
+        raise agreed from error
+    if accelerator.num_processes == 1:
         raise error
-    failed = ", ".join(str(rank) for rank, code in enumerate(codes) if code)
-    raise RuntimeError(f"writing {partial} failed in process {failed}: see its error")
+    raise WriteFailed(f"writing {partial}: {text}", origin) from error
 
 
 def _write_manifest(partial: Path) -> None:
@@ -422,7 +491,7 @@ def _prune(run_dir: Path, keep_last: int, newest: Path) -> None:
 
 
 @contextmanager
-def _loading(file: Path) -> Iterator[Path]:
+def loading(file: Path) -> Iterator[Path]:
     try:
         yield file
     except Exception as err:

@@ -26,11 +26,14 @@ stops the run with an `InputError` naming the file (and line)
     cached, no such config or split) or has no text field.
 skipped, counted in `stats` and logged (the first few with file and line)
     an empty file, a malformed JSONL line, a JSONL record without the text field (or with a non-string
-    one), a JSONL line longer than `max_line_bytes`.
+    one), a JSONL line or a CSV record longer than `max_line_bytes`, a CSV record csv cannot parse.
 repaired, counted
     invalid UTF-8 (decoded with U+FFFD replacements), a text line longer than `max_line_bytes`
     (cut at whitespace into several documents, so memory stays bounded), CRLF line ends and a UTF-8
     BOM (stripped silently).
+
+A CSV record is cut from the file here (whole lines; a quoted field may hold line ends) and parsed by
+csv, so its fields may be as long as `max_line_bytes` and a resumed reader seeks to a record's start.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import json
 import logging
 import math
 import os
+import re
 import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -217,13 +221,13 @@ class _FileReader:
         wraps = max(0, math.ceil((size - trailer) / 2**32))
         return trailer + wraps * 2**32
 
-    def warn(self, kind: str, message: str) -> None:
+    def warn(self, kind: str, message: str, line: int | None = None) -> None:
         self.stats[kind] += 1
         if self.stats[kind] <= WARNINGS_PER_KIND:
             log.warning(
                 "%s:%d: %s%s",
                 self.path,
-                self.line,
+                self.line if line is None else line,
                 message,
                 " (further ones are counted, not logged)" if self.stats[kind] == WARNINGS_PER_KIND else "",
             )
@@ -327,22 +331,41 @@ class _FileReader:
 
     def _csv(self, f: io.BufferedIOBase, offset: int) -> Iterator[str]:
         delimiter = "\t" if self.path.name.endswith(".tsv") else ","
+        # csv's field limit (128 KiB by default) is process-wide: raise it to our cap, never lower it
+        csv.field_size_limit(max(csv.field_size_limit(), self.max_line_bytes))
+        rows = self._csv_rows(f, delimiter)
         if offset:  # the header lives at the start of the file
             with open(self.path, "rb") as head:
-                header = next(csv.reader([self._decode(head.readline())], delimiter=delimiter))
+                first = _FileReader(self.path, self.text_field, self.max_line_bytes, Counter())
+                header = next(first._csv_rows(head, delimiter), None)
         else:
-            header = None
-        # csv.reader pulls one line at a time and never reads ahead, so self.offset stays exact
-        rows = csv.reader((self._decode(raw) for raw, _ in self._lines(f)), delimiter=delimiter)
+            header = next(rows, None)
+        if header is None:  # an empty file
+            return
+        if self.text_field not in header:
+            raise InputError(f"{self.path}: no column {self.text_field!r}; columns: {header}")
+        column = header.index(self.text_field)
         for row in rows:
-            if header is None:
-                header = row
-                if self.text_field not in header:
-                    raise InputError(f"{self.path}: no column {self.text_field!r}; columns: {header}")
-                continue
-            column = header.index(self.text_field)
             if column < len(row) and row[column].strip():
                 yield row[column]
+
+    def _csv_rows(self, f: io.BufferedIOBase, delimiter: str) -> Iterator[list[str]]:
+        """The rows of a CSV file from where `f` stands; a record csv cannot parse or longer than
+        `max_line_bytes` is skipped, counted and logged with the line it starts on."""
+        for raw, length, lines in _csv_records(f, delimiter.encode(), self.max_line_bytes):
+            first_line = self.line + 1
+            self.offset += length
+            self.line += lines
+            if raw is None:
+                message = f"CSV record longer than {self.max_line_bytes} bytes; skipped"
+                self.warn("oversized_records", message, first_line)
+                continue
+            if first_line == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield next(csv.reader([self._decode(raw)], delimiter=delimiter), [])
+            except csv.Error as err:
+                self.warn("malformed_csv_records", f"malformed CSV ({err}); skipped", first_line)
 
     def _parquet(self, row: int) -> Iterator[str]:
         import pyarrow.parquet as pq
@@ -590,6 +613,79 @@ def describe(stats: Counter | dict) -> str:
     problems = {k: v for k, v in stats.items() if k not in ("documents", "epochs_completed")}
     extra = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in sorted(problems.items()))
     return f"{stats.get('documents', 0)} documents" + (f" ({extra})" if extra else "")
+
+
+# the states of csv's parser (excel dialect, not strict) that decide where a record ends
+_FIELD_START, _IN_FIELD, _IN_QUOTES, _QUOTE_IN_QUOTES = range(4)
+_QUOTED_TEXT = re.compile(rb'[^"]*(?:""[^"]*)*')  # inside quotes, up to the quote that may close them
+
+
+def _csv_records(
+    f: io.BufferedIOBase, delimiter: bytes, max_bytes: int
+) -> Iterator[tuple[bytes | None, int, int]]:
+    """(record, its length in bytes, its lines) for each CSV record of `f`: whole lines, several where a
+    quoted field holds line ends; the record without its final line end, None where it is longer than
+    `max_bytes` (then read in pieces, so memory stays bounded).
+
+    Records are cut here rather than by csv.reader, so that one too long to hold can be skipped whole
+    (csv.reader would read it into memory) and every record ends at a byte offset a reader can seek to.
+    """
+    while True:
+        parts: list[bytes] | None = []
+        length = lines = 0
+        state = _FIELD_START
+        while True:
+            chunk = f.readline(max_bytes + 1 - length if parts is not None else max_bytes)
+            if not chunk:
+                break
+            length += len(chunk)
+            state = _csv_scan(chunk, state, delimiter)
+            if parts is not None:
+                parts.append(chunk)
+                if length > max_bytes:
+                    parts = None
+            line_end = chunk.endswith(b"\n")
+            lines += line_end
+            if line_end and state != _IN_QUOTES:
+                break
+        if not length:
+            return
+        if not line_end:  # the file's last line, without a line end
+            lines += 1
+        if parts is None:
+            yield None, length, lines
+            continue
+        record = b"".join(parts)
+        # a quoted field still open at the end of the file keeps its line end, as csv.reader reads it
+        yield (record if state == _IN_QUOTES else record.rstrip(b"\r\n")), length, lines
+
+
+def _csv_scan(data: bytes, state: int, delimiter: bytes) -> int:
+    """The parser's state after `data`, from `state`: csv's rules, a field at a time, not byte by byte.
+    Line ends are not looked at: the caller ends a record at a line end outside quotes."""
+    pos, end = 0, len(data)
+    while pos < end:
+        if state == _IN_QUOTES:
+            pos = _QUOTED_TEXT.match(data, pos).end()
+            if pos == end:
+                return _IN_QUOTES
+            pos += 1
+            state = _QUOTE_IN_QUOTES
+        elif state == _QUOTE_IN_QUOTES:  # a doubled quote cut between two pieces of a line
+            if data[pos] == 0x22:
+                pos += 1
+                state = _IN_QUOTES
+            else:
+                state = _IN_FIELD
+        elif state == _FIELD_START and data[pos] == 0x22:
+            pos += 1
+            state = _IN_QUOTES
+        else:  # an unquoted field, or what follows a closing quote: read as it is up to the delimiter
+            pos = data.find(delimiter, pos) + 1
+            if not pos:
+                return _IN_FIELD
+            state = _FIELD_START
+    return state
 
 
 def _utf8_safe_cut(data: bytes) -> int:

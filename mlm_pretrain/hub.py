@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlm_pretrain import __version__
+from mlm_pretrain.card import hub_card
 from mlm_pretrain.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ class PushResult:
     generated_card: bool = False
     dry_run: bool = False
     commit_url: str | None = None
+    private: bool | None = None  # the repository's visibility once pushed; None for a dry run
 
     def summary(self) -> str:
         lines = [f"{size:>14,d}  {name}" for name, size in self.files]
@@ -120,18 +122,6 @@ def _require_model_files(names: set[str], model_dir: Path) -> None:
         )
 
 
-def _model_card(repo_id: str, architecture: str) -> str:
-    pipeline = "pipeline_tag: fill-mask\n" if architecture.endswith("ForMaskedLM") else ""
-    return (
-        f"---\nlibrary_name: transformers\n{pipeline}tags:\n- mlm-pretrain\n---\n\n"
-        f"# {repo_id.split('/')[-1]}\n\n"
-        f"A `{architecture}` trained with mlm-pretrain {__version__}.\n\n"
-        "```python\nfrom transformers import AutoModel, AutoTokenizer\n"
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n'
-        f'model = AutoModel.from_pretrained("{repo_id}")\n```\n'
-    )
-
-
 def stage_folder(model_dir: Path, staging: Path, repo_id: str) -> tuple[list[str], bool]:
     """Link (or copy) the allow-listed files of `model_dir` into `staging`, adding a model card if none.
 
@@ -147,7 +137,7 @@ def stage_folder(model_dir: Path, staging: Path, repo_id: str) -> tuple[list[str
     generated = not (staging / "README.md").exists()
     if generated:
         architecture = _architecture(staging)
-        (staging / "README.md").write_text(_model_card(repo_id, architecture), encoding="utf-8")
+        (staging / "README.md").write_text(hub_card(repo_id, architecture), encoding="utf-8")
     return skipped, generated
 
 
@@ -263,11 +253,15 @@ def push_to_hub(
         api = HfApi(endpoint=endpoint, token=token)
         try:
             url = api.create_repo(repo_id, private=private, exist_ok=True)
-            if private and not api.model_info(repo_id).private:
+            result.private = bool(api.model_info(repo_id).private)  # an existing repo keeps its own
+            if private and not result.private:
                 raise InputError(f"{repo_id} already exists and is public: refusing to push with --private")
             if revision != "main":
                 api.create_branch(repo_id, branch=revision, exist_ok=True)
-            log.info("uploading %d files to %s@%s", len(result.files), url, revision)
+            visibility = "private" if result.private else "public"
+            log.info(
+                "uploading %d files to %s@%s (a %s repository)", len(result.files), url, revision, visibility
+            )
             commit = api.upload_folder(
                 repo_id=repo_id,
                 folder_path=staging,
@@ -285,18 +279,19 @@ def push_to_hub(
 
 
 def push_checkpoint(
-    export_dir: str | os.PathLike, repo_id: str, step: int | None = None, **kwargs
+    export_dir: str | os.PathLike, repo_id: str, step: int | None = None, *, private: bool = False, **kwargs
 ) -> PushResult | None:
     """For the trainer: push an exported HF dir every N checkpoints without stopping the run on a Hub hiccup.
 
-    `kwargs` go to `push_to_hub` (private, revision, token, endpoint). An InputError (the export is not a
-    loadable model, no token, token refused) is raised; any other failure (network, Hub 5xx) is logged as
-    a warning and returns None, so a long run survives a flaky connection.
+    `private` creates the repo private (the recipe's `impl.push_private`); `kwargs` go to `push_to_hub`
+    (revision, token, endpoint). An InputError (the export is not a loadable model, no token, token
+    refused, a public repo pushed to with `private`) is raised; any other failure (network, Hub 5xx) is
+    logged as a warning and returns None, so a long run survives a flaky connection.
     """
     message = f"Checkpoint at step {step}" if step is not None else "Checkpoint"
     kwargs.setdefault("commit_message", message)
     try:
-        return push_to_hub(export_dir, repo_id, **kwargs)
+        return push_to_hub(export_dir, repo_id, private=private, **kwargs)
     except InputError:
         raise
     except Exception as err:  # best effort by design, see the docstring

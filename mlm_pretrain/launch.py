@@ -20,9 +20,18 @@ import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+
+# How long a collective waits for a rank that neither arrives nor fails. An error on any rank ends every
+# rank within seconds (`failures`); this is the backstop for a rank that hangs without one (a stuck
+# filesystem, a host gone with its sockets open). It must outlast what a healthy rank can make the
+# others wait for: the main process alone writing a checkpoint or an export of a large model to a slow
+# disk, a first batch of a large shuffle buffer. One value for every backend (torch's own defaults are 10
+# minutes for NCCL, 30 for gloo).
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
 @dataclass
@@ -34,9 +43,6 @@ class Launch:
     nproc_per_node: int
     master_addr: str
     master_port: int | None
-
-
-PRECISIONS = ("no", "bf16", "auto")
 
 
 def resolve_precision(setting: str, device_type: str) -> str:
@@ -70,7 +76,7 @@ def start_accelerator(
     `log_with` names the trackers (`impl.log_with`); a missing tracker package is an InputError here,
     before the run starts."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     from mlm_pretrain.run_log import trackers
 
@@ -84,7 +90,10 @@ def start_accelerator(
         log_with=trackers(log_with, run_dir),
         # DDP's gradients live in its all-reduce buckets instead of in a second copy beside them (for
         # bert-base the buckets were 375 MiB per process: bench/bench_memory.py, measured before this)
-        kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(gradient_as_bucket_view=True),
+            InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT),
+        ],
     )
 
 

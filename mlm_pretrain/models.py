@@ -8,30 +8,13 @@ transformers 4.x reads as the same model.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import torch
 
 from mlm_pretrain.errors import InputError
-
-MODEL_TYPES = ("bert", "roberta", "modernbert")
-
-
-@dataclass
-class ModelRecipe:
-    type: str = "bert"
-    hidden_size: int = 256
-    num_layers: int = 4
-    num_heads: int = 4
-    intermediate_size: int = 1024
-    dropout: float = 0.0  # no dropout for short single-epoch pretraining, as Cramming and ModernBERT
-    vocab_size: int | None = None  # default: the tokenizer's; any other value is an error
-    max_position_embeddings: int | None = None  # default: the sequence length
-    init_from: str | None = None  # an HF masked-LM directory to continue from instead of random weights
-    # a word2vec run's final/ directory, trained with `word2vec.tokens: tokenizer` over the same tokenizer:
-    # its vectors initialise the input embeddings (projected if their size differs)
-    init_embeddings: str | None = None
+from mlm_pretrain.schema import ModelRecipe, ModelType
 
 
 def build_model(recipe: ModelRecipe, tokenizer, seq_len: int) -> torch.nn.Module:
@@ -123,7 +106,7 @@ def _config(recipe: ModelRecipe, tokenizer, positions: int):
             embedding_dropout=recipe.dropout,
         )
     else:
-        raise InputError(f"unknown model.type {recipe.type!r}; valid: {', '.join(MODEL_TYPES)}")
+        raise InputError(f"unknown model.type {recipe.type!r}; valid: {', '.join(get_args(ModelType))}")
     config._attn_implementation = "sdpa"
     return config
 

@@ -8,42 +8,11 @@ budget mode needs no separate code path.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from typing import get_args
 
 import torch
 
-SCHEDULES = ("linear", "cosine", "wsd", "constant")
-ON_NONFINITE = ("stop", "skip")
-
-
-@dataclass
-class OptimRecipe:
-    """The `optim` group of a recipe."""
-
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
-    schedule: str = "linear"
-    warmup: float = 0.06  # fraction of the run
-    decay: float = 0.2  # wsd only: the fraction of the run spent decaying
-    clip: float = 1.0  # max gradient norm; 0 turns clipping off
-    batch_size: int = 64  # global batch in blocks, summed over processes and accumulation steps
-    micro_batch_size: int = 32  # blocks per process per forward pass
-    # a step whose loss or gradient norm is not finite is never applied; then `stop` ends the run with an
-    # error, `skip` goes on and stops after more than `max_skips_in_a_row` such steps in a row
-    on_nonfinite: str = "stop"
-    max_skips_in_a_row: int = 10
-
-    def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"optim.schedule {self.schedule!r} unknown; valid: {', '.join(SCHEDULES)}")
-        if self.on_nonfinite not in ON_NONFINITE:
-            raise ValueError(
-                f"optim.on_nonfinite {self.on_nonfinite!r} unknown; valid: {', '.join(ON_NONFINITE)}"
-            )
-        if len(self.betas) != 2:
-            raise ValueError(f"optim.betas needs two values, got {self.betas}")
+from mlm_pretrain.schema import Schedule
 
 
 def build_optimizer(
@@ -74,8 +43,8 @@ def lr_factor(progress: float, schedule: str, warmup: float, decay: float = 0.2)
     `cosine` decay to 0 at the end; `wsd` (warmup-stable-decay) holds the peak and decays linearly to 0
     over the last `decay` fraction; `constant` holds the peak.
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if schedule not in get_args(Schedule):
+        raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(get_args(Schedule))}")
     progress = min(max(progress, 0.0), 1.0)
     if warmup > 0 and progress < warmup:
         return progress / warmup

@@ -4,8 +4,9 @@ ways (gradient sync, clipping, a full state dict).
 
 - `ddp`: every process holds the whole model; accelerate wraps it in DistributedDataParallel.
 - `fsdp`: PyTorch's FSDP2 (`fully_shard`) shards parameters, gradients and optimizer state over the
-  processes: one shard group per encoder layer, the embeddings with the MLM head (tied to them) in
-  one group, the root last. With bf16 on a GPU, parameters are gathered in bf16 and gradients reduced
+  processes: one shard group per encoder layer (of each model: electra has two), the embeddings with
+  the MLM head (tied to them; electra's generator and discriminator share theirs) in one group, the
+  root last. With bf16 on a GPU, parameters are gathered in bf16 and gradients reduced
   in fp32. accelerate's own FSDP plugin is not used: it falls back to DDP on the CPU, where the tests
   run, so the sharding here is FSDP2 called directly, the same on every device.
 
@@ -26,8 +27,6 @@ from mlm_pretrain.errors import InputError
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-PARALLELS = ("ddp", "fsdp")
-
 
 def encoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     """The transformer blocks of an HF encoder (BERT, RoBERTa: encoder.layer; ModernBERT: layers)."""
@@ -45,18 +44,20 @@ def head_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def parallelize(objective: torch.nn.Module, impl, accelerator) -> torch.nn.Module:
     """Apply activation checkpointing, per-layer compilation and the parallelism `impl.parallel` names
-    to `objective` (a `SparseMLM`), in place where the method allows; return what the loop trains."""
-    model = objective.model
-    model.set_attn_implementation(attention_for(accelerator.device.type, accelerator.mixed_precision))
-    if impl.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if impl.compile:
-        for layer in encoder_layers(model):
-            layer.compile()
+    to `objective` (what `objectives.build_objective` makes: its `encoders()` are its Hugging Face
+    models), in place where the method allows; return what the loop trains."""
+    models = objective.encoders()
+    for model in models:
+        model.set_attn_implementation(attention_for(accelerator.device.type, accelerator.mixed_precision))
+        if impl.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if impl.compile:
+            for layer in encoder_layers(model):
+                layer.compile()
     if impl.parallel == "ddp":
         return accelerator.prepare_model(objective)
     import torch.distributed as dist
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     if not dist.is_initialized():
         raise InputError(
@@ -70,10 +71,17 @@ def parallelize(objective: torch.nn.Module, impl, accelerator) -> torch.nn.Modul
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_on_gpu else None
     )
     shard = {"mp_policy": policy} if policy else {}
-    for layer in encoder_layers(model):
-        fully_shard(layer, **shard)
-    fully_shard([model.base_model.embeddings, *head_modules(model)], **shard)
+    for model in models:
+        for layer in encoder_layers(model):
+            fully_shard(layer, **shard)
+    # one group for the embeddings and every module that uses their table (an MLM head's tied decoder,
+    # a generator sharing its discriminator's): a parameter belongs to one group, gathered for each
+    tied = [m.base_model.embeddings for m in models]
+    tied += [head for m in models if m is not m.base_model for head in head_modules(m)]
+    fully_shard(tied, **shard)
     fully_shard(objective, **shard)
+    for name in getattr(objective, "extra_forwards", ()):
+        register_fsdp_forward_method(objective, name)
     return objective
 
 
@@ -108,32 +116,37 @@ def no_gradient_sync(model: torch.nn.Module) -> Iterator[None]:
 
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip the gradients to `max_norm` in total; return their norm before clipping. With FSDP each
-    process holds a shard of each gradient, and the norm is made whole across them."""
+    """Clip the gradients to `max_norm` in total (0: no clipping); return their norm before clipping.
+    With FSDP each process holds a shard of each gradient, and the norm is made whole across them."""
     from torch.distributed.tensor import DTensor
 
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads)
     if isinstance(norm, DTensor):
         norm = norm.full_tensor()
-    torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm)
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, norm)
     return norm
 
 
 def full_state_dict(objective: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights of the HF model inside `objective` (an unwrapped `SparseMLM`), whole and on the CPU
-    of the main process; with FSDP every process must call this (it gathers the shards) and the others
-    get an empty dict."""
-    if not is_sharded(objective):
-        return {k: v.detach().cpu() for k, v in objective.model.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    """The weights of `objective` (unwrapped), whole, on the CPU of the main process, keyed as its
+    state dict ("model.", "generator.", ...: its `export` takes them); with FSDP every process must
+    call this (it gathers the shards) and the others get an empty dict.
 
-    state = get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    # a tied parameter (the MLM decoder is the input embedding) is one tensor under several names; the
-    # gathered copies no longer share storage, so keep the first name, as save_pretrained would
+    A tied parameter (an MLM decoder is the input embedding) is one tensor under several names; the
+    gathered copies no longer share storage, so it is kept under its first name only, as
+    save_pretrained would."""
+    if is_sharded(objective):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(objective, options=options)
+    else:
+        state = {k: v.detach().cpu() for k, v in objective.state_dict().items()}
     seen, tied = set(), set()
-    for name, param in objective.model.named_parameters(remove_duplicate=False):
+    for name, param in objective.named_parameters(remove_duplicate=False):
         if id(param) in seen:
-            tied.add(f"model.{name}")
+            tied.add(name)
         seen.add(id(param))
-    return {k.removeprefix("model."): v for k, v in state.items() if k not in tied}
+    return {k: v for k, v in state.items() if k not in tied}

@@ -1,11 +1,13 @@
 """Recipes: YAML files checked against dataclasses, with `key=value` overrides from the command line.
 
-An unknown key or a value of the wrong type is an `InputError` naming the file (or, for an override,
-the command line), the key and the valid keys. Overrides take dotted paths (`impl.threads=2`) or, where a
-leaf name is unique in the schema, the bare name (`max_steps=12`). Values are parsed as YAML
-(`corpus=[a.txt, b.txt]`). A number is whatever Python's `float()` or `int()` reads, in a file and on the
-command line alike: YAML 1.1 leaves `1e-3` and `1.0e6` as strings, so a float or int field converts a
-string that parses; an int field takes an integral value in any notation (`1e6`) but never 2.5.
+An unknown key, a value of the wrong type or out of its range (`mlm_pretrain.schema` declares them), a
+group that does not apply to the recipe's objective or a broken rule between keys is an `InputError`
+naming the file (or, for an override, the command line), the key and what is valid. Overrides take
+dotted paths (`impl.threads=2`) or, where a leaf name is unique in the schema, the bare name
+(`max_steps=12`). Values are parsed as YAML (`corpus=[a.txt, b.txt]`). A number is whatever Python's
+`float()` or `int()` reads, in a file and on the command line alike: YAML 1.1 leaves `1e-3` and `1.0e6`
+as strings, so a float or int field converts a string that parses; an int field takes an integral value
+in any notation (`1e6`) but never 2.5.
 """
 
 from __future__ import annotations
@@ -59,10 +61,9 @@ def apply_override(schema: type, data: dict, override: str) -> list[str]:
         value = raw
     path = resolve_key(schema, key.strip())
     hint = _hint(schema, path)
-    if isinstance(value, bool) and str in (hint, *typing.get_args(hint)):
-        value = (
-            raw  # YAML 1.1 reads no/yes/on/off as booleans; for a text key (mixed_precision=no) it's the word
-        )
+    # YAML 1.1 reads no/yes/on/off as booleans; for a text key (mixed_precision=no) it's the word
+    if isinstance(value, bool) and any(arg is str or isinstance(arg, str) for arg in _alternatives(hint)):
+        value = raw
     node = data
     for part in path[:-1]:
         node = node.setdefault(part, {})
@@ -113,21 +114,41 @@ def build(
             values[name] = check_type(value, hint, origin)
         else:
             values[name] = check_type(value, hint, f"{origin}: {prefix}{name}")
-    try:
-        return schema(**values)
-    except (TypeError, ValueError) as err:
-        # the schema's own checks (`mask_rate` in (0, 1)) name no source: give the overrides of this group
-        group = prefix.rstrip(".")
-        typed = [
-            override
-            for key, override in overrides.items()
-            if key.rpartition(".")[0] == group or f"{group}.".startswith(f"{key}.")
-        ]
-        raise InputError(f"{where}{' with ' + ' '.join(typed) if typed else ''}: {err}") from None
+        valid = fields[name].metadata.get("range")
+        for number in values[name] if isinstance(values[name], list) else [values[name]]:
+            if valid is not None and number is not None and number not in valid:
+                raise InputError(f"{origin}: {prefix}{name} must be {valid}, got {values[name]!r}")
+    _check_groups_apply(fields, data, values, where, prefix, overrides)
+    result = schema(**values)
+    for key, problem in getattr(result, "problems", list)():
+        raise InputError(f"{_origin(prefix + key, where, overrides)}: {prefix}{key} {problem}")
+    return result
 
 
-def _origin(key: str, where: str, overrides: dict[str, str]) -> str:
-    """Where `key` was set: the override that set it or a group above it, else the recipe file."""
+def _check_groups_apply(
+    fields: dict[str, dataclasses.Field], data: dict, values: dict, where: str, prefix: str, overrides: dict
+) -> None:
+    """Refuse a group the recipe sets (its defaults are fine) that does not apply to its `objective`."""
+    if "objective" not in fields:
+        return
+    objective = values.get("objective", fields["objective"].default)
+    for name in data:
+        applies = fields[name].metadata.get("objectives")
+        if applies and objective not in applies:
+            origin = _origin(prefix + name, where, overrides, within=True)
+            raise InputError(
+                f"{origin}: {prefix}{name} applies to objective {' | '.join(applies)} only, and this "
+                f"recipe's objective is {objective}; remove it"
+            )
+
+
+def _origin(key: str, where: str, overrides: dict[str, str], within: bool = False) -> str:
+    """Where `key` was set: the override that set it or a group above it (`within`: or a key inside it),
+    else the recipe file."""
+    if within:
+        inside = [override for typed, override in overrides.items() if typed.startswith(f"{key}.")]
+        if inside:
+            return f"command line: {inside[0]}"
     parts = key.split(".")
     for n in range(len(parts), 0, -1):
         override = overrides.get(".".join(parts[:n]))
@@ -152,7 +173,12 @@ def check_type(value: Any, hint: Any, where: str) -> Any:
     if origin is Literal:
         if value in args:
             return value
-        raise InputError(f"{where}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+        quote = (
+            " (YAML reads a bare no/yes/on/off as a boolean: quote the word)"
+            if isinstance(value, bool)
+            else ""
+        )
+        raise InputError(f"{where}: got {value!r}; valid: {', '.join(map(str, args))}{quote}")
     if origin is list:
         if not isinstance(value, list):
             value = [value]  # a single value where a list is expected: `corpus=file.txt`
@@ -187,6 +213,13 @@ def _parse_number(text: str) -> int | float | str:
         except ValueError:
             pass
     return text
+
+
+def _alternatives(hint: Any) -> list:
+    """The types and words `hint` allows, Unions and Literals flattened: `str | None` -> [str, None]."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType, Literal):
+        return [alt for arg in typing.get_args(hint) for alt in _alternatives(arg)]
+    return [hint]
 
 
 def _describe(hint: Any) -> str:

@@ -131,7 +131,7 @@ class RunLog:
             raise
 
     def close(self) -> None:
-        if self.enabled:
+        if self.enabled and self.path.exists():  # a run stopped before its first record has none
             curve = plot_loss_curve(self.path, self.path.parent / "loss_curve.png")
             if curve is not None:
                 self._log_file(curve)

@@ -162,6 +162,12 @@ def train_tokenizer(
     """
     if vocab_size < 100:
         raise InputError(f"vocab_size {vocab_size} is too small (at least 100)")
+    out_dir = Path(out_dir).resolve()
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not _is_tokenizer_dir(out_dir):
+        raise InputError(
+            f"{out_dir} holds files and no tokenizer: the new tokenizer replaces the whole directory; "
+            "choose another output directory"
+        )
     tok, trainer = build_tokenizer_and_trainer(kind, vocab_size, lowercase, min_frequency)
     held_out: list[str] = []
     counts = {"documents": 0, "characters": 0}
@@ -194,27 +200,30 @@ def train_tokenizer(
     if counts["documents"] == 0:
         raise InputError("the corpus gave no text to train the tokenizer on")
 
+    from mlm_pretrain.checkpoint import atomic_directory
+
     wrapped = wrap_for_transformers(tok, kind, model_max_length)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_tokenizer(wrapped, out_dir)
-    loaded = load_tokenizer(out_dir)
-    texts = list(validation) if validation is not None else held_out
-    unk_rate, fertility, words = measure(loaded, texts)
-    report = TokenizerReport(
-        kind=kind,
-        vocab_size=len(loaded),
-        lowercase=lowercase,
-        documents_trained=counts["documents"],
-        characters_trained=counts["characters"],
-        validation_documents=len(texts),
-        validation_words=words,
-        unk_rate=unk_rate,
-        fertility=fertility,
-        train_seconds=round(seconds, 2),
-        peak_rss_mb=peak_rss_mb(),
-    )
-    (out_dir / "tokenizer_report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+    # written aside and renamed into place: a run reading `out_dir` (rebuilt in place) sees the old
+    # tokenizer or the new one, never a mixture
+    with atomic_directory(out_dir) as partial:
+        save_tokenizer(wrapped, partial)
+        loaded = load_tokenizer(partial)
+        texts = list(validation) if validation is not None else held_out
+        unk_rate, fertility, words = measure(loaded, texts)
+        report = TokenizerReport(
+            kind=kind,
+            vocab_size=len(loaded),
+            lowercase=lowercase,
+            documents_trained=counts["documents"],
+            characters_trained=counts["characters"],
+            validation_documents=len(texts),
+            validation_words=words,
+            unk_rate=unk_rate,
+            fertility=fertility,
+            train_seconds=round(seconds, 2),
+            peak_rss_mb=peak_rss_mb(),
+        )
+        (partial / "tokenizer_report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
 
 
@@ -251,6 +260,10 @@ def measure(tokenizer, texts: list[str]) -> tuple[float, float, int]:
     return unks / max(tokens, 1), tokens / max(words, 1), words
 
 
+def _is_tokenizer_dir(path: Path) -> bool:
+    return (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+
+
 def load_tokenizer(path: str | Path):
     """`AutoTokenizer.from_pretrained(path)`, checked: a real vocabulary and the special tokens MLM needs.
 
@@ -260,7 +273,7 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     path = Path(path)
-    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+    if not _is_tokenizer_dir(path):
         raise InputError(
             f"{path}: not a tokenizer directory (no tokenizer.json or tokenizer_config.json); "
             "train one with `mlm-pretrain tokenizer`"

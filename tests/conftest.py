@@ -17,7 +17,8 @@ DATA = Path(__file__).parent / "data"
 def build_tiny_checkpoint(out: Path, texts: list[str] | None = None, vocab_size: int = 300) -> Path:
     """A WordPiece tokenizer trained on `texts` (default: tests/data/austen_8k.txt) and a 2-layer, 32-wide
     BertForMaskedLM, both saved with save_pretrained (weights as model.safetensors) into `out`."""
-    from mlm_pretrain.models import ModelRecipe, build_model
+    from mlm_pretrain.models import build_model
+    from mlm_pretrain.schema import ModelRecipe
     from mlm_pretrain.tokenizer import load_tokenizer, train_tokenizer
 
     texts = texts or (DATA / "austen_8k.txt").read_text(encoding="utf-8").splitlines()

@@ -13,8 +13,8 @@ import torch
 
 from mlm_pretrain.batches import MLMBatches, Prefetched, prefetched
 from mlm_pretrain.corpus import TextStream
-from mlm_pretrain.objectives.mlm import MaskingConfig
 from mlm_pretrain.packing import BlockStream, TokenInfo
+from mlm_pretrain.schema import MaskingRecipe
 from mlm_pretrain.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +30,7 @@ def source(tokenizer) -> MLMBatches:
     return MLMBatches(
         stream,
         TokenInfo(tokenizer),
-        MaskingConfig(),
+        MaskingRecipe(),
         seed=0,
         micro_batch_size=4,
         accumulation=2,

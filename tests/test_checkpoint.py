@@ -18,10 +18,9 @@ from mlm_pretrain import checkpoint
 from mlm_pretrain.checkpoint import (
     atomic_directory,
     checkpoint_size_estimate,
-    export_model,
     latest_checkpoint,
     load_checkpoint,
-    save_checkpoint,
+    read_trainer_state,
     verify_checkpoint,
     warn_if_disk_low,
 )
@@ -51,8 +50,8 @@ def trained(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
 
 def save(run_dir: Path, step: int, accelerator, keep_last: int = 0) -> Path:
     model, optimizer = trained(step)
-    state = {"step": step, "elapsed": 1.5}
-    return save_checkpoint(run_dir, step, accelerator, model, optimizer, {"position": step}, state, keep_last)
+    files = checkpoint.mlm_files(accelerator, model, optimizer, {"position": step})
+    return checkpoint.write_atomically(run_dir, step, accelerator, files, {"step": step}, keep_last)
 
 
 def truncate(file: Path) -> None:
@@ -81,12 +80,13 @@ def test_a_checkpoint_lists_every_file_with_its_size_and_sha256(tmp_path, accele
 def test_a_checkpoint_restores_what_was_saved(tmp_path, accelerator):
     model, optimizer = trained(1)
     torch.manual_seed(7)
-    path = save_checkpoint(tmp_path, 1, accelerator, model, optimizer, {"position": 3}, {"step": 1}, 0)
+    files = checkpoint.mlm_files(accelerator, model, optimizer, {"position": 3})
+    path = checkpoint.write_atomically(tmp_path, 1, accelerator, files, {"step": 1}, keep_last=0)
     expected_draw = torch.rand(3)
 
     restored, restored_optimizer = trained(2)
-    data_state, trainer_state = load_checkpoint(path, accelerator, restored, restored_optimizer)
-    assert (data_state, trainer_state) == ({"position": 3}, {"step": 1, "processes": 1, "sharded": False})
+    assert load_checkpoint(path, accelerator, restored, restored_optimizer) == {"position": 3}
+    assert read_trainer_state(path) == {"step": 1, "processes": 1, "sharded": False}
     assert torch.equal(torch.rand(3), expected_draw)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), restored.parameters(), strict=True))
     moments = optimizer.state_dict()["state"][0]["exp_avg"]
@@ -195,7 +195,7 @@ def test_a_full_disk_at_the_first_checkpoint_quotes_the_estimate(tmp_path, accel
 
 class OneOfTwoRanks:
     """This process as rank `rank` of two; at each stage of the protocol the other rank reports `other`
-    (0 done, 1 failed, 2 disk full), as `accelerator.reduce` would hand it over."""
+    (0 done, 1 failed, 2 disk full), as `torch.distributed.all_gather_object` would hand it over."""
 
     num_processes = 2
     device = torch.device("cpu")
@@ -206,29 +206,34 @@ class OneOfTwoRanks:
     def unwrap_model(self, model):
         return model
 
-    def reduce(self, codes, reduction):
-        codes = codes.clone()
-        codes[1 - self.process_index] = self.other.pop(0)
-        return codes
+    def all_gather_object(self, outcomes: list, outcome) -> None:
+        code, them = self.other.pop(0), 1 - self.process_index
+        theirs = [None, (them, False, "OSError: bad sector"), (them, True, f"OSError: {NO_SPACE}")][code]
+        outcomes[self.process_index], outcomes[them] = outcome, theirs
 
 
 @pytest.mark.parametrize(
     "rank, other, expected",
     [
         (0, [0, 2], DiskFullError),  # the other rank ran out of space writing its files
-        (1, [0, 2], DiskFullError),  # the main process ran out of space writing the shared ones
-        (1, [0, 0, 2], DiskFullError),  # ... or writing the manifest
-        (0, [0, 1], RuntimeError),  # the other rank failed otherwise: its own error is its to report
+        (1, [0, 0, 0, 2], DiskFullError),  # the main process ran out of space writing the shared ones
+        (1, [0, 0, 0, 0, 2], DiskFullError),  # ... or writing the manifest
+        (0, [0, 1], checkpoint.WriteFailed),  # the other rank failed otherwise: every rank names it
     ],
 )
-def test_every_rank_learns_that_a_checkpoint_failed(tmp_path, rank, other, expected):
+def test_every_rank_learns_that_a_checkpoint_failed(tmp_path, monkeypatch, rank, other, expected):
     accelerator = OneOfTwoRanks(rank, other)
+    monkeypatch.setattr(torch.distributed, "all_gather_object", accelerator.all_gather_object)
     partial = tmp_path / "checkpoints" / "step-000001.partial"
     if rank == 1:  # what the main process does before the first agreement
         partial.mkdir(parents=True)
     model, optimizer = trained()
-    with pytest.raises(expected, match="disk is full" if expected is DiskFullError else "in process 1"):
-        save_checkpoint(tmp_path, 1, accelerator, model, optimizer, {}, {}, keep_last=0)
+    files = checkpoint.mlm_files(accelerator, model, optimizer, {})
+    with pytest.raises(
+        expected, match="disk is full" if expected is DiskFullError else "bad sector"
+    ) as raised:
+        checkpoint.write_atomically(tmp_path, 1, accelerator, files, {"step": 1}, keep_last=0)
+    assert raised.value.rank == 1 - rank  # the rank where it failed, named on every rank
     assert not accelerator.other  # every stage up to the failure agreed, none after it
     assert not (tmp_path / "checkpoints" / "step-000001").exists()
     assert partial.exists() == (rank == 1)  # only the main process removes it
@@ -244,19 +249,31 @@ def hf_model(tiny_checkpoint):
 
 
 def test_an_export_replaces_the_old_one_only_when_complete(tmp_path, hf_model, monkeypatch):
+    """As `Run.export` writes one: the objective's files and the card in an `atomic_directory`."""
+    from mlm_pretrain.objectives.mlm import SparseMLM
+    from mlm_pretrain.parallel import full_state_dict
+
     model, tokenizer = hf_model
-    final = export_model(model, tokenizer, tmp_path / "final", "first card", "seed: 1\n")
+    objective = SparseMLM(model)
+    final = tmp_path / "final"
+
+    def export(card: str) -> None:
+        with atomic_directory(final) as partial:
+            objective.export(partial, full_state_dict(objective), tokenizer)
+            (partial / "README.md").write_text(card)
+
+    export("first card")
     before = {p.name: p.read_bytes() for p in final.iterdir()}
-    assert {"config.json", "model.safetensors", "README.md", "recipe.yaml"} <= set(before)
+    assert {"config.json", "model.safetensors", "README.md"} <= set(before)
 
     monkeypatch.setattr(model, "save_pretrained", safetensors_no_space)
     with pytest.raises(DiskFullError, match=rf"disk is full: writing {final} .*{SIZE}"):
-        export_model(model, tokenizer, final, "second card", "seed: 2\n")
+        export("second card")
     assert {p.name: p.read_bytes() for p in final.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
 
     monkeypatch.undo()
-    export_model(model, tokenizer, final, "second card", "seed: 2\n")
+    export("second card")
     assert (final / "README.md").read_text() == "second card"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
 
@@ -266,6 +283,35 @@ def test_an_atomic_directory_that_fails_leaves_nothing(tmp_path):
         (partial / "a.txt").write_text("a")
         raise ValueError("half way")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("leftover", ["out.partial", "out.old"])
+def test_an_atomic_directory_reports_what_it_did_not_create_and_deletes_none_of_it(tmp_path, leftover):
+    (tmp_path / leftover).mkdir()
+    (tmp_path / leftover / "weights.bin").write_bytes(b"someone's")
+    refused = pytest.raises(InputError, match=rf"{leftover} exists: .*remove it.* and try again")
+    with refused, atomic_directory(tmp_path / "out") as partial:
+        (partial / "a.txt").write_text("a")
+    assert (tmp_path / leftover / "weights.bin").read_bytes() == b"someone's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [leftover]
+
+
+def test_a_checkpoint_another_user_could_have_written_is_never_resumed(tmp_path, accelerator, monkeypatch):
+    from mlm_pretrain.checkpoint import CheckpointFiles, write_atomically
+
+    files = CheckpointFiles(lambda partial, rank: (partial / f"word2vec-{rank}.pt").write_bytes(b"tables"))
+    step = write_atomically(tmp_path, 1, accelerator, files, {"step": 1}, keep_last=0)
+    for path in (tmp_path / "checkpoints", step, *step.iterdir()):  # whatever the umask made of them
+        path.chmod(path.stat().st_mode & ~0o022)
+    assert latest_checkpoint(tmp_path) == step
+    for path, bits in ((step / "word2vec-0.pt", 0o020), (step, 0o002), (tmp_path / "checkpoints", 0o020)):
+        path.chmod(path.stat().st_mode | bits)
+        with pytest.raises(InputError, match=rf"{path} is writable by .* runs .*code .*chmod -R go-w "):
+            latest_checkpoint(tmp_path)
+        path.chmod(path.stat().st_mode & ~bits)
+    monkeypatch.setattr(checkpoint.os, "getuid", lambda: os.stat(step).st_uid + 1)
+    with pytest.raises(InputError, match=rf"{tmp_path / 'checkpoints'} is owned by uid \d+, not this user"):
+        latest_checkpoint(tmp_path)
 
 
 def test_a_low_disk_is_warned_of_before_the_run(tmp_path, accelerator, monkeypatch, caplog):
@@ -330,3 +376,25 @@ def test_resuming_the_log_drops_what_came_after_the_checkpoint_and_a_torn_line(t
     assert metrics.read_text() == '{"step": 1, "loss": 3.0}\n{"step": 2, "loss": 2.0}\n'
     assert f"{metrics} line 4 is not a JSON record" in caplog.text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+
+
+def test_a_checkpoint_written_under_a_loose_umask_is_still_resumable(tmp_path, accelerator):
+    previous = os.umask(0o002)
+    try:
+        path = save(tmp_path, 1, accelerator)
+    finally:
+        os.umask(previous)
+    checkpoint.check_trusted(path)  # nothing group-writable is left for resuming to refuse
+    assert latest_checkpoint(tmp_path) == path
+
+
+def test_a_run_that_holds_its_directory_clears_a_crashed_exports_leftovers(tmp_path):
+    final = tmp_path / "final"
+    (tmp_path / "final.partial").mkdir()  # a crash while writing the export
+    (tmp_path / "final.old").mkdir()  # ... after moving the export before it aside
+    (tmp_path / "final.old" / "README.md").write_text("the export before")
+    with atomic_directory(final, locked=True) as partial:
+        assert (tmp_path / "final").is_dir()  # the export before is back until the new one replaces it
+        (partial / "README.md").write_text("the new export")
+    assert (final / "README.md").read_text() == "the new export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]

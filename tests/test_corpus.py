@@ -226,3 +226,49 @@ def test_interleaving_can_be_turned_off_and_is_bounded_to_groups_of_files(tmp_pa
     assert {d[0] for d in rest} == {"c"}
     with pytest.raises(InputError, match="unknown: interleave"):
         as_sources([{"path": corpus, "interleave": False}])
+
+
+def write_csv(path, rows, delimiter=","):
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, delimiter=delimiter)
+        writer.writerow(["id", "body", "label"])
+        writer.writerows(rows)
+
+
+def test_csv_fields_over_128_kib_and_across_lines_are_read_whole_and_resume_exactly(tmp_path):
+    # csv's own field limit is 128 KiB; a record under max_line_bytes is read whatever its fields hold
+    bodies = [f"row {i} " + ("long " * 60_000 if i == 200 else "short") for i in range(400)]
+    bodies[7] = 'a "quoted" word, a comma\nand a second line'
+    write_csv(tmp_path / "big.csv", [(i, body, "x") for i, body in enumerate(bodies)])
+    assert len(bodies[200]) > 300_000
+    stream = TextStream([str(tmp_path / "big.csv")], text_field="body")
+    assert list(stream) == bodies and not set(stream.stats) - {"documents", "epochs_completed"}
+    for cut in (7, 8, 199, 200, 201):
+        first = TextStream([str(tmp_path / "big.csv")], text_field="body")
+        it = iter(first)
+        head = [next(it) for _ in range(cut)]
+        resumed = TextStream([str(tmp_path / "big.csv")], text_field="body")
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        assert head + list(resumed) == bodies, cut
+
+
+def test_a_csv_record_over_the_byte_cap_is_skipped_whole_and_named(tmp_path, caplog):
+    bodies = [f"row {i}" for i in range(50)]
+    bodies[20] = "huge " * 60_000  # 300 KB, three times the cap: its columns must not spill into rows
+    write_csv(tmp_path / "t.tsv", [(i, body, "x") for i, body in enumerate(bodies)], delimiter="\t")
+    with open(tmp_path / "t.tsv", "a", encoding="utf-8") as f:
+        f.write('50\t"an unclosed quote\there\tx\n51\tlast\tx\n')  # runs to the end of the file: one record
+    stream = TextStream([str(tmp_path / "t.tsv")], text_field="body", max_line_bytes=100_000)
+    with caplog.at_level(logging.WARNING):
+        docs = list(stream)
+    assert docs == bodies[:20] + bodies[21:] + ["an unclosed quote\there\tx\n51\tlast\tx\n"]
+    assert stream.stats["oversized_records"] == 1
+    assert "t.tsv:22: CSV record longer than 100000 bytes; skipped" in caplog.text
+
+    (tmp_path / "bad.csv").write_text("id,body\n1,good\n2,bad\rline\n3,fine\n")
+    stream = TextStream([str(tmp_path / "bad.csv")], text_field="body")
+    with caplog.at_level(logging.WARNING):
+        assert list(stream) == ["good", "fine"]
+    assert stream.stats["malformed_csv_records"] == 1 and "bad.csv:3: malformed CSV" in caplog.text

@@ -6,8 +6,38 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_run_dir import hold_in_another_process
+
+from mlm_pretrain import cli
+from mlm_pretrain.run_dir import LOCK
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_demo_leaves_a_run_directory_another_job_holds_alone(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "SUBCOMMANDS", ["demo"])
+    checkpoint = tmp_path / "pretrain" / "checkpoints" / "step-5"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
+    holder = hold_in_another_process(tmp_path / "pretrain")
+    try:
+        assert cli.main(["demo", "--out", str(tmp_path)]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"pretrain is in use by pid {holder.pid} on " in capsys.readouterr().err
+    assert (checkpoint / "model.safetensors").read_bytes() == b"weights"
+    assert not (tmp_path / "tokenizer").exists()  # refused before anything ran
+
+
+def test_the_demo_starts_over_holding_the_run_directory(tmp_path):
+    from mlm_pretrain.cli.demo import start_over
+
+    run_dir = tmp_path / "pretrain"
+    (run_dir / "checkpoints" / "step-5").mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("{}\n")
+    start_over(run_dir)
+    assert [p.name for p in run_dir.iterdir()] == [LOCK]  # the lock stays: it is held, not stale
 
 
 @pytest.mark.slow
@@ -53,4 +83,5 @@ def test_demo_runs_the_whole_pipeline_and_prints_the_comparison(tmp_path):
         "finetune-random-init/results.json",
     ):
         assert (tmp_path / path).exists(), path
-    assert "## Fine-tuning results" in (tmp_path / "pretrain/final/README.md").read_text()
+    assert "## Fine-tuning results" in (tmp_path / "finetune-pretrained/pretrained_model_card.md").read_text()
+    assert "## Fine-tuning results" not in (tmp_path / "pretrain/final/README.md").read_text()

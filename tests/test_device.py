@@ -14,11 +14,12 @@ from accelerate import Accelerator
 
 from mlm_pretrain.batches import MLMBatches, evaluation_batches
 from mlm_pretrain.corpus import TextStream
-from mlm_pretrain.models import ModelRecipe, build_model
-from mlm_pretrain.objectives.mlm import MaskingConfig, SparseMLM
+from mlm_pretrain.models import build_model
+from mlm_pretrain.objectives.mlm import SparseMLM
 from mlm_pretrain.packing import BlockStream, TokenInfo
+from mlm_pretrain.schema import MaskingRecipe, ModelRecipe
 from mlm_pretrain.tokenizer import load_tokenizer
-from mlm_pretrain.trainer import forward_backward, score_batches
+from mlm_pretrain.trainer import forward_backward, score_micro_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 META = torch.device("meta")
@@ -33,7 +34,7 @@ def batches_on(device, tokenizer, accumulation=2):
     stream = BlockStream(TextStream(["@sample"], seed=0), tokenizer, 32, shuffle_buffer=16, seed=0)
     info = TokenInfo(tokenizer)
     return MLMBatches(
-        stream, info, MaskingConfig(), seed=0, micro_batch_size=4, accumulation=accumulation, device=device
+        stream, info, MaskingRecipe(), seed=0, micro_batch_size=4, accumulation=accumulation, device=device
     )
 
 
@@ -57,9 +58,9 @@ def test_a_training_step_and_an_evaluation_run_wholly_on_the_loops_device(tokeni
 
     stream = BlockStream(TextStream(["@sample-validation"], shuffle_files=False), tokenizer, 32)
     evaluation = evaluation_batches(
-        stream, TokenInfo(tokenizer), MaskingConfig(), micro_batch_size=4, max_blocks=8, device=META
+        stream, TokenInfo(tokenizer), MaskingRecipe(), micro_batch_size=4, max_blocks=8, device=META
     )
-    assert score_batches(objective, evaluation, accelerator).device == META
+    assert score_micro_batches(objective, evaluation, accelerator).device == META
 
     # the check has teeth: the same step built on the CPU cannot meet the model on its device
     cpu_step = next(batches_on(torch.device("cpu"), tokenizer))
@@ -91,7 +92,7 @@ def test_batches_resume_exactly_and_mask_the_same_on_any_device(tokenizer):
 @pytest.mark.parametrize("model_type", ["bert", "modernbert"])
 def test_bf16_on_the_cpu_trains_with_explicit_attention_that_scores_as_sdpa_does(tokenizer, model_type):
     from mlm_pretrain.parallel import parallelize
-    from mlm_pretrain.trainer import ImplRecipe
+    from mlm_pretrain.schema import ImplRecipe
 
     torch.manual_seed(0)
     recipe = ModelRecipe(type=model_type, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)

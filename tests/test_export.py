@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlm_pretrain.checkpoint import export_model
 from mlm_pretrain.errors import InputError
-from mlm_pretrain.models import ModelRecipe, build_model
+from mlm_pretrain.models import build_model
+from mlm_pretrain.objectives.mlm import SparseMLM
+from mlm_pretrain.parallel import full_state_dict
+from mlm_pretrain.schema import ModelRecipe
 from mlm_pretrain.tokenizer import load_tokenizer, train_tokenizer
 
 DATA = Path(__file__).parent / "data"
@@ -40,7 +42,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory) -> dict[str, Path]:
-    """A 4-layer, 32-wide model of each type, built at SEQ_LEN positions and exported by `export_model`."""
+    """A 4-layer, 32-wide model of each type, built at SEQ_LEN positions, exported by `SparseMLM.export`."""
     texts = (DATA / "austen_8k.txt").read_text(encoding="utf-8").splitlines()
     root = tmp_path_factory.mktemp("exports")
     out = {}
@@ -49,7 +51,9 @@ def exports(tmp_path_factory) -> dict[str, Path]:
         tokenizer = load_tokenizer(root / kind)
         recipe = ModelRecipe(type=model_type, hidden_size=32, num_layers=4, num_heads=2, intermediate_size=64)
         model = build_model(recipe, tokenizer, SEQ_LEN)
-        out[model_type] = export_model(model, tokenizer, root / model_type, "a card\n", "seed: 0\n")
+        objective = SparseMLM(model)
+        objective.export(root / model_type, full_state_dict(objective), tokenizer)
+        out[model_type] = root / model_type
     return out
 
 

@@ -19,6 +19,7 @@ from mlm_pretrain import cli
 from mlm_pretrain.errors import InputError
 from mlm_pretrain.finetune import FinetuneConfig, finetune, load_task, tfidf_baseline
 from mlm_pretrain.finetune.batching import encode, length_grouped_batches, padding_fraction
+from mlm_pretrain.finetune.results import PRETRAINED_CARD
 from mlm_pretrain.finetune.scoring import METRICS_DIR
 
 DATA = Path(__file__).parent / "data" / "tasks"
@@ -88,6 +89,7 @@ def test_bad_task_path_and_missing_label_field_name_the_culprit(tmp_path):
         load_task(str(bad), label_field="stars")
 
 
+@pytest.mark.slow
 def test_metrics_load_offline_in_a_fresh_process():
     code = (
         "import evaluate, sys\n"
@@ -139,13 +141,41 @@ def test_classification_end_to_end_writes_tables_and_model_card(model_dir, tmp_p
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| rt_sentiment | test | accuracy |" in table and "TF-IDF baseline" in table
 
-    card = (model_dir / "README.md").read_text()
+    card = (tmp_path / "out" / PRETRAINED_CARD).read_text()  # the checkpoint's card, with the results
     assert card.count("## Fine-tuning results") == 1 and "| rt_sentiment | test | accuracy |" in card
-    (model_dir / "README.md").write_text(card + "\n## Licence\n\nApache-2.0\n")
-    finetune(model_dir, str(DATA / "rt_sentiment"), seeds=1, config=TINY, baseline=False)
-    card = (model_dir / "README.md").read_text()  # the row replaced, the section not doubled, the rest kept
+    (model_dir / "README.md").write_text(card + "\n## Licence\n\nApache-2.0\n")  # as a user copies it back
+    finetune(model_dir, str(DATA / "rt_sentiment"), tmp_path / "again", seeds=1, config=TINY, baseline=False)
+    card = (tmp_path / "again" / PRETRAINED_CARD).read_text()  # the row replaced, one section, the rest kept
     assert card.count("| rt_sentiment |") == 1 and card.count("## Fine-tuning results") == 1
     assert card.rstrip().endswith("Apache-2.0")
+
+
+def checksums(directory: Path) -> dict[str, str]:
+    import hashlib
+
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_finetune_never_writes_inside_the_model_directory(tiny_checkpoint, tmp_path, monkeypatch):
+    # laid out like a Hugging Face cache snapshot: the files are symlinks into a shared blob store
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshot"
+    shutil.copytree(tiny_checkpoint, blobs)
+    (blobs / "README.md").write_text("# tiny\n\nA card someone wrote.\n")
+    snapshot.mkdir()
+    for blob in blobs.iterdir():
+        (snapshot / blob.name).symlink_to(blob)
+    before = checksums(blobs), checksums(snapshot), sorted(p.name for p in snapshot.iterdir())
+    monkeypatch.setattr(cli, "SUBCOMMANDS", ["finetune"])
+    argv = ["finetune", "--model", str(snapshot), "--task", str(DATA / "trec"), "--out", str(tmp_path)]
+    argv += ["--seeds", "1", "--epochs", "1", "--max-length", "16", "--no-baseline"]
+    assert cli.main(argv) == 0
+    assert (checksums(blobs), checksums(snapshot), sorted(p.name for p in snapshot.iterdir())) == before
+    card = (tmp_path / PRETRAINED_CARD).read_text()
+    assert card.startswith("# tiny\n\nA card someone wrote.\n") and "| trec | test | accuracy |" in card
 
 
 def test_regression_end_to_end_from_scratch_leaves_card_alone(model_dir, tmp_path):
@@ -157,6 +187,7 @@ def test_regression_end_to_end_from_scratch_leaves_card_alone(model_dir, tmp_pat
     assert result["baseline"]["scores"]["test"]["pearsonr"] > 0.3  # bag-of-words overlap predicts similarity
     assert "mean of pearsonr/spearmanr" in (tmp_path / "results.md").read_text()
     assert (card.read_text() if card.exists() else None) == before
+    assert not (tmp_path / PRETRAINED_CARD).exists()  # its scores are not the checkpoint's
 
 
 def test_early_stopping_stops_and_restores_the_best_epoch(model_dir):
@@ -188,12 +219,13 @@ def keyword_task(directory: Path) -> str:
     return str(directory)
 
 
+@pytest.mark.slow
 def test_fine_tuning_learns_a_keyword_task_at_the_learning_rate_validation_picks(tiny_checkpoint, tmp_path):
     # A tiny model's validation score sits at the majority class for its first epochs while the loss
     # falls: stopping on the score alone ended one of these three runs there, at 0.5.
-    model_dir = shutil.copytree(tiny_checkpoint, tmp_path / "model")  # its card gets the results
     config = FinetuneConfig(epochs=8, lrs=(1e-5, 1e-3), batch_size=16, max_length=32)
-    result = finetune(model_dir, keyword_task(tmp_path / "task"), tmp_path / "out", seeds=3, config=config)
+    task = keyword_task(tmp_path / "task")
+    result = finetune(tiny_checkpoint, task, tmp_path / "out", seeds=3, config=config)
     assert [entry["lr"] for entry in result["grid"]] == [1e-5, 1e-3] and result["lr"] == 1e-3
     assert result["grid"][0]["validation_median"] < 0.6 and result["grid"][1]["validation_median"] > 0.9
     scores = [run["scores"]["test"]["accuracy"] for run in result["seeds"]]

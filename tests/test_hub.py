@@ -187,6 +187,40 @@ def test_push_checkpoint_commits_the_step_and_survives_an_unreachable_hub(model_
     assert "training goes on" in caplog.text and TOKEN not in caplog.text
 
 
+def test_push_private_reaches_the_hub_and_the_log_says_which(model_dir, hub_env, monkeypatch, capsys, caplog):
+    import huggingface_hub.constants
+
+    from mlm_pretrain import cli
+
+    monkeypatch.setattr(cli, "SUBCOMMANDS", ["push"])
+    caplog.set_level(logging.INFO, logger="mlm_pretrain.hub")
+    with FakeHub(TOKEN) as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        assert cli.main(["push", str(model_dir), "--repo-id", "someone/secret", "--private"]) == 0
+        assert "to someone/secret@main (private): " in capsys.readouterr().out
+        assert cli.main(["push", str(model_dir), "--repo-id", "someone/open"]) == 0
+        assert "to someone/open@main (public): " in capsys.readouterr().out
+        push_checkpoint(model_dir, "someone/run", step=5, private=True, endpoint=hub.url)
+    created = [json.loads(r.body) for r in hub.requests if r.path.endswith("/repos/create")]
+    assert [(c["name"], c.get("visibility", c.get("private"))) for c in created] == [
+        ("secret", "private"),
+        ("open", "public"),
+        ("run", "private"),
+    ]
+    assert hub.repos["someone/secret"].private and not hub.repos["someone/open"].private
+    assert hub.repos["someone/run"].private
+    assert "(a private repository)" in caplog.text and "(a public repository)" in caplog.text
+
+
+def test_the_recipe_chooses_a_private_repository_for_pushes():
+    from mlm_pretrain.recipe import load_recipe
+    from mlm_pretrain.schema import PretrainRecipe
+
+    recipe = ROOT / "recipes" / "tiny.yaml"
+    assert load_recipe(PretrainRecipe, recipe).impl.push_private is False
+    assert load_recipe(PretrainRecipe, recipe, ["impl.push_private=true"]).impl.push_private is True
+
+
 @pytest.mark.slow
 def test_push_command_end_to_end(model_dir, tmp_path):
     """`mlm-pretrain push` in a subprocess: the Hub URL from HF_ENDPOINT, the token from HF_TOKEN."""

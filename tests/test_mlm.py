@@ -3,9 +3,10 @@ import torch
 
 from mlm_pretrain.batches import masked_micro_batch
 from mlm_pretrain.corpus import TextStream
-from mlm_pretrain.models import ModelRecipe, build_model
-from mlm_pretrain.objectives.mlm import MaskingConfig, SparseMLM, mask_batch
+from mlm_pretrain.models import build_model
+from mlm_pretrain.objectives.mlm import SparseMLM, mask_batch
 from mlm_pretrain.packing import BlockStream, TokenInfo, collate
+from mlm_pretrain.schema import MaskingRecipe, ModelRecipe
 from mlm_pretrain.tokenizer import load_tokenizer
 
 
@@ -28,7 +29,7 @@ def batch(tokenizer, info):
 
 
 def masks(batch, info, seed=0, **config):
-    return mask_batch(batch, info, MaskingConfig(**config), torch.Generator().manual_seed(seed))
+    return mask_batch(batch, info, MaskingRecipe(**config), torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("masking", ["token", "whole_word", "span"])
@@ -84,7 +85,7 @@ def test_spans_are_runs_of_words(batch, info):
 
 
 def test_masks_depend_on_the_global_row_not_on_who_holds_it(batch, info):
-    config = MaskingConfig()
+    config = MaskingRecipe()
     full = mask_batch(batch, info, config, torch.Generator().manual_seed(7))
     rows = torch.arange(1, 64, 2)  # rank 1 of 2 holds the odd rows
     half = {k: v[rows] for k, v in batch.items()}
@@ -112,10 +113,3 @@ def test_sparse_head_loss_equals_the_dense_heads(batch, info, tokenizer, model_t
     assert torch.allclose(loss_sum / predict.sum(), dense.loss, rtol=1e-5)
     dense_correct = (dense.logits.argmax(-1)[predict] == small["input_ids"][predict]).sum()
     assert correct == dense_correct
-
-
-def test_config_errors_name_the_key():
-    with pytest.raises(ValueError, match="mlm.mask_rate must be in"):
-        MaskingConfig(mask_rate=1.5)
-    with pytest.raises(ValueError, match="unknown masking 'words'"):
-        MaskingConfig(masking="words")

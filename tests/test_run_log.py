@@ -10,11 +10,11 @@ from mlm_pretrain.cli import main
 from mlm_pretrain.errors import InputError
 from mlm_pretrain.recipe import load_recipe
 from mlm_pretrain.run_log import run_config, trackers
-from mlm_pretrain.trainer import PretrainRecipe
+from mlm_pretrain.schema import PretrainRecipe
 
 
 def test_tracker_names_are_checked_with_the_recipe_and_a_single_name_is_a_list():
-    recipe = load_recipe(PretrainRecipe, overrides=["impl.log_with=mlflow"])
+    recipe = load_recipe(PretrainRecipe, overrides=["max_steps=1", "impl.log_with=mlflow"])
     assert recipe.impl.log_with == ["mlflow"]
     assert PretrainRecipe().impl.log_with == ["tensorboard"]
     with pytest.raises(InputError, match=r"impl.log_with=\[tensorboard, tensorbored\].*'tensorbored'") as err:

@@ -13,9 +13,6 @@ import torch
 from safetensors.torch import load_file
 
 from mlm_pretrain.checkpoint import latest_checkpoint
-from mlm_pretrain.errors import InputError
-from mlm_pretrain.recipe import load_recipe
-from mlm_pretrain.trainer import PretrainRecipe
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -62,6 +59,10 @@ def test_a_run_learns_logs_and_exports_a_model_hf_loads(tmp_path):
     assert (final / "model.safetensors").exists() and not list(final.glob("*.bin"))
     card = (final / "README.md").read_text()
     assert "perplexity" in card and "max_steps: 30" in card and "@sample" in card
+    # what is published names no local path: the run directory is ".", a tokenizer by its last part
+    for published in (card, (final / "recipe.yaml").read_text()):
+        assert str(tmp_path) not in published and str(ROOT) not in published
+        assert "tokenizer: tokenizers/default-wordpiece-8k" in published and "out: ." in published
     tokenizer = AutoTokenizer.from_pretrained(final)
     model, info = AutoModelForMaskedLM.from_pretrained(final, output_loading_info=True)
     assert not info["missing_keys"] and len(tokenizer) == model.config.vocab_size == 8192
@@ -98,6 +99,7 @@ def test_a_killed_run_resumes_to_bit_identical_weights(tmp_path):
     assert records(tmp_path / "straight", "loss") == records(killed, "loss")
 
 
+@pytest.mark.slow
 def test_a_run_directory_is_never_silently_reused(tmp_path):
     pretrain(tmp_path, "--max-steps", "2", "save_every=1", "eval_every=100", "eval_blocks=8")
     again = pretrain(tmp_path, "--max-steps", "2", check=False)
@@ -106,42 +108,6 @@ def test_a_run_directory_is_never_silently_reused(tmp_path):
     assert changed.returncode == 2 and "differs from this recipe in optim.lr" in changed.stderr
     (tmp_path / "checkpoints" / "step-000003.partial").mkdir()  # what a crash mid-save leaves
     assert latest_checkpoint(tmp_path).name == "step-000002"
-
-
-def test_recipe_errors_name_the_key(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  hidden: 64\n")
-    with pytest.raises(
-        InputError, match=r"unknown key 'model.hidden'; valid keys in model: type, hidden_size"
-    ):
-        load_recipe(PretrainRecipe, bad)
-    bad.write_text("optim:\n  lr: fast\n")
-    with pytest.raises(InputError, match=r"optim.lr: expected float, got 'fast'"):
-        load_recipe(PretrainRecipe, bad)
-    with pytest.raises(InputError, match=r"unknown recipe key 'lr_max'; valid keys: seed, objective"):
-        load_recipe(PretrainRecipe, None, ["lr_max=3"])
-    recipe = load_recipe(
-        PretrainRecipe, ROOT / "recipes/tiny.yaml", ["mask_rate=0.3", "max_steps=12", "impl.threads=1"]
-    )
-    assert recipe.mlm.mask_rate == 0.3 and recipe.max_steps == 12 and recipe.impl.threads == 1
-    result = subprocess.run(
-        [sys.executable, "-m", "mlm_pretrain", "pretrain", "--recipe", str(bad)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert result.returncode == 2 and "Traceback" not in result.stderr and "optim.lr" in result.stderr
-
-
-@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_recipe_is_valid(recipe):
-    if recipe.name.startswith("tokenizer"):
-        from mlm_pretrain.cli.tokenizer import TokenizerRecipe
-
-        load_recipe(TokenizerRecipe, recipe)
-    else:
-        load_recipe(PretrainRecipe, recipe)
 
 
 @pytest.mark.slow
@@ -204,6 +170,7 @@ def test_a_minutes_budget_holds_for_the_whole_run_evaluations_included(tmp_path)
     assert 6 <= state["elapsed"] < 6 + 10  # stopped at the first step past the budget
 
 
+@pytest.mark.slow
 def test_the_continued_pretraining_recipe_carries_on_from_the_checkpoint(tiny_checkpoint, tmp_path):
     """recipes/continue-on-task.yaml as the README runs it: MLM continued from a checkpoint on a task's
     training sentences. The export is the checkpoint's architecture, moved a little from its weights, not
@@ -227,3 +194,19 @@ def test_the_continued_pretraining_recipe_carries_on_from_the_checkpoint(tiny_ch
     moved = (after[embeddings] - before[embeddings]).norm() / before[embeddings].norm()
     assert 0 < moved < 0.2  # a fresh initialisation would be ~1.4 away
     assert [step for step, _ in records(tmp_path / "run", "eval_loss")] == [4]
+
+
+def test_an_infinite_gradient_skips_the_update_with_clipping_off_too():
+    from accelerate import Accelerator
+
+    from mlm_pretrain.trainer import apply_update
+
+    accelerator = Accelerator(cpu=True)
+    for clip in (1.0, 0.0):
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        before = [p.detach().clone() for p in model.parameters()]
+        for p in model.parameters():
+            p.grad = torch.full_like(p, float("inf"))
+        assert not apply_update(model, optimizer, torch.tensor(1.0), clip, accelerator)  # the loss is finite
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))

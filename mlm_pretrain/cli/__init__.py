@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import re
 import sys
 
 from mlm_pretrain import __version__
 from mlm_pretrain.errors import InputError
+from mlm_pretrain.failures import RunFailed
 from mlm_pretrain.stop import PREEMPTED_EXIT, Preempted
 
 OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -54,6 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as err:
         print(f"mlm-pretrain {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RunFailed as failed:  # several processes: the same line and exit code on every rank
+        print(f"mlm-pretrain {args.command}: error: {failed}; every process stopped", file=sys.stderr)
+        # at once: the interpreter's clean-up could wait on, or abort in, the failed process group's
+        # threads (seen here: "terminate called without an active exception", SIGABRT)
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(failed.failure.exit_code)
     except Preempted as stopped:
         print(f"mlm-pretrain {args.command}: {stopped}; rerun with --resume", file=sys.stderr)
         return PREEMPTED_EXIT

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,18 +39,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def start_over(run_dir: Path) -> None:
+    """Empty the demo's run directory, a demo always starting over, once this process holds it (the
+    lock `pretrain` takes), so that a job using it is refused, never pulled from under. The lock file
+    stays: removed, the next job would lock a new file while this one holds the old."""
     import shutil
-    from pathlib import Path
+
+    from mlm_pretrain.run_dir import LOCK, hold_run_dir
+
+    hold_run_dir(run_dir)
+    for entry in run_dir.iterdir():
+        if entry.name == LOCK:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def run(args: argparse.Namespace) -> int:
 
     from mlm_pretrain.corpus import PACKAGE_DATA, TextStream
     from mlm_pretrain.finetune import FinetuneConfig, finetune, load_task
     from mlm_pretrain.recipe import load_recipe
+    from mlm_pretrain.schema import PretrainRecipe
     from mlm_pretrain.tokenizer import train_tokenizer
-    from mlm_pretrain.trainer import PretrainRecipe, pretrain
+    from mlm_pretrain.trainer import pretrain
 
     out = Path(args.out)
-    shutil.rmtree(out / "pretrain", ignore_errors=True)  # a demo always starts over
+    start_over(out / "pretrain")
     tokenizer_dir = out / "tokenizer"
     print(f"[1/4] training a WordPiece tokenizer on the sample corpus -> {tokenizer_dir}")
     report = train_tokenizer(

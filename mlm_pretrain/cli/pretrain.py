@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     if launch is not None:
         return relaunch(launch)
     from mlm_pretrain.recipe import load_recipe
-    from mlm_pretrain.trainer import PretrainRecipe, pretrain
+    from mlm_pretrain.schema import PretrainRecipe
+    from mlm_pretrain.trainer import pretrain
 
     flags = {
         "data.validation": args.validation,

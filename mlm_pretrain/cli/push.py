@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--private",
         action="store_true",
-        help="create the repo private (refused if it already exists and is public)",
+        help="create the repo private (default: public; refused if it already exists and is public)",
     )
     parser.add_argument("--revision", help="branch to push to, created if needed (default: main)")
     parser.add_argument(
@@ -48,8 +48,15 @@ def run(args: argparse.Namespace) -> int:
     )
     target = f"{result.repo_id}@{result.revision}"
     if result.dry_run:
-        print(f"dry run: {args.model_dir} loads as {result.architecture}; would upload to {target}:")
+        created = "private" if args.private else "public"
+        print(
+            f"dry run: {args.model_dir} loads as {result.architecture}; would upload to {target} "
+            f"({created} if it is created):"
+        )
     else:
-        print(f"pushed {args.model_dir} ({result.architecture}) to {target}: {result.commit_url}")
+        visibility = "private" if result.private else "public"
+        print(
+            f"pushed {args.model_dir} ({result.architecture}) to {target} ({visibility}): {result.commit_url}"
+        )
     print(result.summary())
     return 0

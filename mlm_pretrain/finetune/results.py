@@ -1,16 +1,17 @@
-"""Fine-tuning results as files: results.json, results.md, results.png, a section of the pretrained model's
-card, and the fine-tuned model's own card with its scores as `model-index` metadata (what the Hub shows)."""
+"""Fine-tuning results as files: results.json, results.md, results.png, a copy of the pretrained model's
+card with a section of results, and the fine-tuned model's own card with its scores as `model-index`
+metadata (what the Hub shows)."""
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 
-log = logging.getLogger(__name__)
-
 CARD_SECTION = "## Fine-tuning results"
+# the pretrained model's card with this task's results, in the output directory: the model directory
+# may be someone else's (a Hugging Face cache snapshot's files are links into a shared store)
+PRETRAINED_CARD = "pretrained_model_card.md"
 CARD_HEADER = "| task | split | metric | median | seeds | TF-IDF baseline |\n|---|---|---|---|---|---|"
 PLOT = "results.png"
 GLUE = "nyu-mll/glue"
@@ -228,9 +229,9 @@ def _base_name(model_dir: str) -> str:
     return path.parent.name if path.name == "final" else path.name
 
 
-def update_model_card(model_dir: str | Path, result: dict) -> None:
-    """Add or replace this task's rows in the card's "Fine-tuning results" section (creating the card
-    or the section if absent); other tasks' rows stay."""
+def update_model_card(model_dir: str | Path, result: dict, out_dir: str | Path) -> Path:
+    """`out_dir/PRETRAINED_CARD`: the card of `model_dir` (or a new one) with this task's rows added to or
+    replaced in its "Fine-tuning results" section; other tasks' rows stay. `model_dir` is only read."""
     card = Path(model_dir) / "README.md"
     text = card.read_text() if card.is_file() else f"# {Path(model_dir).resolve().name}\n"
     before, _, rest = text.partition(CARD_SECTION)
@@ -256,7 +257,6 @@ def update_model_card(model_dir: str | Path, result: dict) -> None:
         f"{CARD_HEADER}\n" + "\n".join(rows) + "\n"
     )
     text = before.rstrip("\n") + "\n\n" + new_section + (f"\n## {after}" if heading else "")
-    try:
-        card.write_text(text)
-    except OSError as err:  # a read-only checkpoint (e.g. in a cache) still fine-tunes
-        log.warning("could not update the model card %s: %s", card, err)
+    out = Path(out_dir) / PRETRAINED_CARD
+    out.write_text(text)
+    return out

@@ -124,10 +124,10 @@ def finetune(
     fine-tuned model, in `out_dir/model/` (`MODEL_SUBDIR`): of the chosen rate's seeds, the one with the
     best validation score, with its tokenizer and a model card whose `model-index` holds its scores.
     `random_init` also fine-tunes the same architecture from random weights by the same procedure and
-    reports it beside (`result["random_init"]`). A pretrained checkpoint's model card gets a
-    "Fine-tuning results" section; a `from_scratch` run leaves the card alone, since its scores are not
-    the checkpoint's. A `config.max_length` beyond the model's positions is lowered to them, with a
-    warning, as an index error halfway through would be the alternative.
+    reports it beside (`result["random_init"]`). Nothing is written inside `model_dir`: its card, with a
+    "Fine-tuning results" section added, goes to `out_dir/PRETRAINED_CARD` (not for a `from_scratch`
+    run, whose scores are not the checkpoint's). A `config.max_length` beyond the model's positions is
+    lowered to them, with a warning, as an index error halfway through would be the alternative.
     """
     from transformers import AutoConfig
 
@@ -193,8 +193,8 @@ def finetune(
         result["saved_model"] = {"path": str(Path(out_dir) / MODEL_SUBDIR), "seed": seed}
         write_results(result, out_dir)
         save_finetuned(model, tokenizer, result, Path(out_dir) / MODEL_SUBDIR)
-    if not from_scratch:
-        update_model_card(model_dir, result)
+        if not from_scratch:
+            update_model_card(model_dir, result, out_dir)
     return result
 
 

@@ -5,7 +5,9 @@ seeds per step for the *global* batch and keeps only the rows of its own blocks,
 the same way whichever rank holds it and however often the run is stopped and resumed, and a fresh
 step draws fresh masks (dynamic masking).
 
-Three ways to choose what to mask, all on top of "never a special or padding token":
+Every block with a token that may be masked gets at least one masked position, so no step or
+evaluation batch scores 0/0. Three ways to choose what to mask, all on top of "never a special or
+padding token":
 - `token`: each token independently with probability `mask_rate` (BERT, RoBERTa);
 - `whole_word`: each word independently, all its pieces together (WordPiece `##`, `Ġ` and `▁` marks);
 - `span`: runs of whole words with geometric lengths (SpanBERT: p=0.2, at most 10 words), started
@@ -14,46 +16,19 @@ Three ways to choose what to mask, all on top of "never a special or padding tok
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from mlm_pretrain.packing import TokenInfo
-
-MASKINGS = ("token", "whole_word", "span")
-
-
-@dataclass
-class MaskingConfig:
-    """The `mlm` group of a recipe."""
-
-    mask_rate: float = 0.15
-    eval_mask_rate: float = 0.15  # evaluation always masks at BERT's rate, whatever training uses
-    mask_token_ratio: float = 0.8  # of the chosen positions: replaced by [MASK]
-    random_token_ratio: float = 0.1  # replaced by a random token; the rest keep their token
-    masking: str = "token"
-    span_p: float = 0.2
-    span_max: int = 10
-
-    def __post_init__(self) -> None:
-        for name in ("mask_rate", "eval_mask_rate"):
-            if not 0 < getattr(self, name) < 1:
-                raise ValueError(f"mlm.{name} must be in (0, 1), got {getattr(self, name)}")
-        if (
-            self.mask_token_ratio < 0
-            or self.random_token_ratio < 0
-            or self.mask_token_ratio + self.random_token_ratio > 1
-        ):
-            raise ValueError("mask_token_ratio and random_token_ratio must be >= 0 and sum to at most 1")
-        if self.masking not in MASKINGS:
-            raise ValueError(f"unknown masking {self.masking!r}; valid: {', '.join(MASKINGS)}")
+from mlm_pretrain.schema import MaskingRecipe
 
 
 def mask_batch(
     batch: dict[str, torch.Tensor],
     info: TokenInfo,
-    config: MaskingConfig,
+    config: MaskingRecipe,
     generator: torch.Generator,
     rows: torch.Tensor | None = None,
     global_rows: int | None = None,
@@ -84,6 +59,16 @@ def mask_batch(
             chosen_words = _span_words(draws[0], draws[2], rate, config)
         chosen = torch.gather(chosen_words, 1, word_index.clamp(min=0))
     chosen &= ~special
+    # A block with nothing chosen (a low rate, a short block) would score 0/0: it gets the one maskable
+    # position whose choice draw came closest, with its word; blocks that have a choice keep it as it is.
+    empty = ~chosen.any(dim=1) & (~special).any(dim=1)
+    if empty.any():
+        closest = draws[0].masked_fill(special, 2.0).argmin(dim=1, keepdim=True)
+        if config.masking == "token":
+            extra = torch.zeros_like(chosen).scatter_(1, closest, True)
+        else:
+            extra = (word_index == torch.gather(word_index, 1, closest)) & ~special
+        chosen |= extra & empty[:, None]
 
     corrupted = ids.clone()
     to_mask = chosen & (draws[1] < config.mask_token_ratio)
@@ -98,7 +83,7 @@ def mask_batch(
 
 
 def _span_words(
-    start_draws: torch.Tensor, length_draws: torch.Tensor, rate: float, config: MaskingConfig
+    start_draws: torch.Tensor, length_draws: torch.Tensor, rate: float, config: MaskingRecipe
 ) -> torch.Tensor:
     """Words covered by spans: each word starts one with probability rate / mean span length."""
     lengths = torch.arange(1, config.span_max + 1, dtype=torch.float)
@@ -158,6 +143,36 @@ class SparseMLM(torch.nn.Module):
         eager mode an argmax over the vocabulary at every masked position costs as much as the softmax."""
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self._score(hidden.flatten(0, 1).index_select(0, positions), labels, count_correct)
+
+    def encoders(self) -> list[torch.nn.Module]:
+        """The Hugging Face models inside, for `parallelize`."""
+        return [self.model]
+
+    def export(self, directory: Path, state: dict[str, torch.Tensor], tokenizer) -> None:
+        """The masked-LM model as a Hugging Face directory (`AutoModelForMaskedLM`,
+        `AutoModelForSequenceClassification`, fill-mask), from `state`, this module's whole state dict
+        (keys prefixed "model."; the model's own parameters may be FSDP shards)."""
+        own = {k.removeprefix("model."): v for k, v in state.items()}
+        save_hf_model(self.model, directory, own, tokenizer)
+
+
+def save_hf_model(
+    model: torch.nn.Module, directory: Path, state: dict[str, torch.Tensor] | None, tokenizer
+) -> None:
+    """`model`'s config, `state` (default: its own weights) as model.safetensors and the tokenizer, in
+    `directory`.
+
+    It loads under transformers 4.x as under 5 (`portable_config`, `save_tokenizer`), and the tokenizer's
+    `model_max_length` is the positions the model has, so `truncation=True` (pipelines, `Trainer`) cuts
+    long inputs to what the model takes. No BERT pooler is written: masked-token pretraining has none to
+    train, so it would be random weights; loading for classification reports the pooler and the
+    classifier as new, the head fine-tuning trains."""
+    from mlm_pretrain.models import make_config_portable, usable_positions
+    from mlm_pretrain.tokenizer import save_tokenizer
+
+    model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+    make_config_portable(directory)
+    save_tokenizer(tokenizer, directory, model_max_length=usable_positions(model.config))
 
 
 def head_of(model: torch.nn.Module):

@@ -38,55 +38,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mlm_pretrain.errors import InputError
+from mlm_pretrain.schema import Word2VecRecipe
 from mlm_pretrain.tokenizer import load_tokenizer
 from mlm_pretrain.word_vectors import WordVectors
-
-OBJECTIVES = ("skipgram", "cbow")
-TOKEN_KINDS = ("words", "tokenizer")
-# gensim's defaults: CBOW averages its context, so it takes a larger step.
-DEFAULT_ALPHA = {"skipgram": 0.025, "cbow": 0.05}
-
-
-@dataclass
-class Word2VecConfig:
-    objective: str = "skipgram"  # "skipgram" | "cbow"
-    vector_size: int = 100
-    window: int = 5  # the largest window; each center draws its own from 1..window
-    negative: int = 5  # noise words per center (skip-gram: per pair when shared_negatives is false)
-    shared_negatives: bool = True  # skip-gram: one draw of noise words for all context words of a center
-    min_count: int = 5  # rarer words are dropped from the vocabulary (and from the text)
-    max_vocab: int = 0  # keep only the most frequent words; 0 keeps all
-    sample: float = 1e-3  # subsampling threshold; 0 disables subsampling
-    alpha: float = 0.0  # initial learning rate; 0 means the objective's default (DEFAULT_ALPHA)
-    min_alpha: float = 1e-4
-    epochs: int = 5
-    # Centers per update. The updates of a batch are summed, so a frequent word's row takes hundreds of
-    # steps at once; around 2048 (and 1024 with 2 workers, whose batches overlap) training diverges.
-    batch_size: int = 256
-    chunk_words: int = 100_000  # raw words read, subsampled and windowed at a time
-    seed: int = 1
-    tokens: str = "words"  # "words" | "tokenizer"
-    tokenizer: str = ""  # a Hugging Face tokenizer dir or name, when tokens == "tokenizer"
-    lowercase: bool = True  # words only
-    strip_punctuation: bool = True  # words only
-
-    def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise InputError(f"objective: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
-        if self.tokens not in TOKEN_KINDS:
-            raise InputError(f"tokens: {self.tokens!r} is not one of {', '.join(TOKEN_KINDS)}")
-        positive = ("vector_size", "window", "negative", "min_count", "epochs", "batch_size", "chunk_words")
-        for key in positive:
-            if getattr(self, key) < 1:
-                raise InputError(f"{key}: must be at least 1, got {getattr(self, key)}")
-        for key in ("max_vocab", "sample", "alpha", "min_alpha"):
-            if getattr(self, key) < 0:
-                raise InputError(f"{key}: must not be negative, got {getattr(self, key)}")
-
-    @property
-    def start_alpha(self) -> float:
-        return self.alpha or DEFAULT_ALPHA[self.objective]
-
 
 # Punctuation becomes a space, so it splits words rather than gluing them ("end.--Then" -> "end", "then").
 _PUNCTUATION = str.maketrans({c: " " for c in string.punctuation + "“”‘’–—…«»"})
@@ -119,7 +73,7 @@ class Vocab:
         return {word: i for i, word in enumerate(self.words)}
 
 
-def build_vocab(documents: Iterable[str], config: Word2VecConfig, tokenizer=None) -> Vocab:
+def build_vocab(documents: Iterable[str], config: Word2VecRecipe, tokenizer=None) -> Vocab:
     """The vocabulary pass: count every token of `documents` once and prune by min_count / max_vocab."""
     if config.tokens == "tokenizer":
         tokenizer = tokenizer or _tokenizer_of(config)
@@ -147,7 +101,7 @@ def build_vocab(documents: Iterable[str], config: Word2VecConfig, tokenizer=None
     return Vocab([w for w, _ in kept], counts, total, np.ones(len(kept), dtype=bool))
 
 
-def _tokenizer_of(config: Word2VecConfig):
+def _tokenizer_of(config: Word2VecRecipe):
     """The tokenizer whose pieces are the tokens, or None for words. (Checked here, not in the config: the
     pretrain recipe fills `tokenizer` in from data.tokenizer after the config is built.)"""
     if config.tokens != "tokenizer":
@@ -171,7 +125,7 @@ def _batched(items: Iterable, size: int) -> Iterator[list]:
 class Word2Vec:
     """The two tables (input vectors `syn0`, output vectors `syn1neg`), the training loop and its state."""
 
-    def __init__(self, config: Word2VecConfig, vocab: Vocab, tokenizer=None) -> None:
+    def __init__(self, config: Word2VecRecipe, vocab: Vocab, tokenizer=None) -> None:
         self.config, self.vocab = config, vocab
         self.tokenizer = tokenizer or _tokenizer_of(config)
         self._word_index = vocab.index() if config.tokens == "words" else None
@@ -198,7 +152,7 @@ class Word2Vec:
         self.train_seconds = 0.0
 
     @classmethod
-    def from_documents(cls, documents: Iterable[str], config: Word2VecConfig) -> Word2Vec:
+    def from_documents(cls, documents: Iterable[str], config: Word2VecRecipe) -> Word2Vec:
         tokenizer = _tokenizer_of(config)
         return cls(config, build_vocab(documents, config, tokenizer), tokenizer)
 
@@ -238,14 +192,12 @@ class Word2Vec:
                 "documents: a one-shot iterator cannot be read once per epoch; pass a list "
                 "or a function returning a fresh iterable"
             )
-        total = self.config.epochs * self.vocab.total_words
         # the tables as all processes last agreed on them (identical at the start: same seed or checkpoint);
         # a process's own updates since then are the difference
         self._synced = (self.syn0.clone(), self.syn1neg.clone()) if world_size > 1 else ()
         intra_op_threads = torch.get_num_threads()
         torch.set_num_threads(1)
         pool = ThreadPoolExecutor(workers) if workers > 1 else None
-        bar = tqdm(total=total, initial=self.words_done, unit="word", unit_scale=True, desc="word2vec")
         try:
             while self.epoch < self.config.epochs:
                 docs = documents() if callable(documents) else documents
@@ -263,7 +215,6 @@ class Word2Vec:
                     if world_size > 1 and self.chunks_in_epoch % world_size == 0:
                         self._add_updates_of_all_processes(all_reduce)
                     self.train_seconds += time.perf_counter() - start
-                    bar.update(raw_words)
                     in_step = world_size == 1 or self.chunks_in_epoch % world_size == 0
                     if in_step and callback is not None and callback(self):
                         chunks.close()
@@ -274,7 +225,6 @@ class Word2Vec:
                 self.epoch += 1
                 self.words_in_epoch = self.chunks_in_epoch = 0
         finally:
-            bar.close()
             torch.set_num_threads(intra_op_threads)
             if pool is not None:
                 pool.shutdown()
@@ -460,7 +410,7 @@ class Word2Vec:
     def from_state_dict(cls, state: dict, tokenizer=None) -> Word2Vec:
         vocab = state["vocab"]
         vocab = Vocab(vocab["words"], vocab["counts"].numpy(), vocab["total_words"], vocab["trained"].numpy())
-        model = cls(Word2VecConfig(**state["config"]), vocab, tokenizer)
+        model = cls(Word2VecRecipe(**state["config"]), vocab, tokenizer)
         model.load_state_dict(state)
         return model
 

@@ -26,8 +26,8 @@ freed (up to 32 MiB), after which blocks of that size come from its heap and sta
 block over 128 KiB is mapped and given back on free), to show what the processes need rather than what
 the allocator keeps.
 
-    python bench/bench_memory.py                            # bert-base 12x768, 16k WordPiece: ~7 minutes
-    python bench/bench_memory.py --rounds 1 --fixed-mmap-rounds 0 --steps 4
+    python -m bench.fsdp_memory                            # bert-base 12x768, 16k WordPiece: ~7 minutes
+    python -m bench.fsdp_memory --rounds 1 --fixed-mmap-rounds 0 --steps 4
 """
 
 from __future__ import annotations
@@ -47,10 +47,11 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_DATA, ROOT, table  # noqa: E402
+from bench.measure import machine
+from bench.sides import DEFAULT_DATA, ROOT, smoke_data, table
 
 SIZES = {  # name: (layers, hidden, heads, intermediate)
+    "tiny": (2, 64, 2, 256),  # --smoke
     "small": (4, 256, 4, 1024),
     "medium": (8, 512, 8, 2048),
     "base": (12, 768, 12, 3072),
@@ -61,20 +62,6 @@ ALLOCATORS = {"default": {}, "fixed-mmap": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 SEQ_LEN, PROCESSES = 128, 2
 MB = 1024 * 1024
 STATE_KEYS = ("param_bytes", "grad_bytes", "optim_state_bytes")
-
-
-def cpu_info() -> dict:
-    """lscpu's model name and flags (the first 20, and whether AMX is there)."""
-    text = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    flags = fields.get("Flags", "").split()
-    return {
-        "model": fields.get("Model name", "?").strip(),
-        "cores": os.cpu_count(),
-        "flags_first_20": flags[:20],
-        "amx": sorted(f for f in flags if f.startswith("amx")),
-        "avx512_bf16": "avx512_bf16" in flags,
-    }
 
 
 def overrides(args: argparse.Namespace, size: str, parallel: str, out: Path) -> list[str]:
@@ -239,7 +226,7 @@ def run_one(args: argparse.Namespace, size: str, parallel: str, allocator: str, 
     tag = f"{size}-{parallel}-{allocator}-{round_}"
     out = Path(args.work) / tag
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={PROCESSES}"]
-    cmd += [f"--master_port={free_port()}", str(Path(__file__).resolve()), "--side", "train"]
+    cmd += [f"--master_port={free_port()}", "-m", "bench.fsdp_memory", "--side", "train"]
     cmd += ["--size", size, "--parallel", parallel, "--tag", tag, "--work", args.work, "--out", str(out)]
     cmd += ["--data", args.data, "--validation", args.validation, "--tokenizer", args.tokenizer]
     cmd += ["--steps", str(args.steps), "--micro-batch", str(args.micro_batch)]
@@ -394,7 +381,7 @@ def summarize(runs: list[dict], allocators: list[str]) -> tuple[list[list], dict
     return rows, facts
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -419,10 +406,16 @@ def main() -> None:
     parser.add_argument("--poll", type=float, default=0.05, help="seconds between RSS samples")
     parser.add_argument("--timeout", type=float, default=300, help="seconds one run may take")
     parser.add_argument("--json", default=str(ROOT / "runs" / "bench_memory.json"), help="results file")
+    parser.add_argument("--smoke", action="store_true", help="a 2x64 model, 2 steps, one round; seconds")
     parser.add_argument("--side", choices=["train"], help=argparse.SUPPRESS)
     for hidden in ("--size", "--parallel", "--tag", "--work", "--out"):
         parser.add_argument(hidden, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        data = smoke_data()
+        args.data, args.validation = str(data / "corpus"), str(data / "validation")
+        args.tokenizer, args.sizes = str(ROOT / "tokenizers" / "default-wordpiece-8k"), ["tiny"]
+        args.rounds, args.fixed_mmap_rounds, args.steps, args.json = 1, 0, 2, str(data / "fsdp_memory.json")
     if args.side:
         side_train(args)
         return
@@ -430,8 +423,7 @@ def main() -> None:
         parser.error("--rounds must be at least 1")
 
     started = time.perf_counter()
-    cpu = cpu_info()
-    print(f"{cpu['model']}, {cpu['cores']} cores, amx: {' '.join(cpu['amx']) or 'none'}", flush=True)
+    print(machine(), flush=True)
     plan = [("default", r) for r in range(args.rounds)] + [
         ("fixed-mmap", r) for r in range(args.fixed_mmap_rounds)
     ]
@@ -495,14 +487,15 @@ def main() -> None:
                 end="",
             )
         print(f"; it runs at {fsdp['tokens_per_s'] / ddp['tokens_per_s']:.2f}x DDP's tokens/s")
-    command = " ".join(["python", "bench/bench_memory.py", *sys.argv[1:]])
+    command = " ".join(["python -m bench.fsdp_memory", *sys.argv[1:]])
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"\n{command}; {stamp}; bench took {(time.perf_counter() - started) / 60:.1f} minutes")
-    print(f"lscpu: {cpu['model']}; flags {' '.join(cpu['flags_first_20'])} ...; amx {cpu['amx']}")
+    print(machine())
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(
         json.dumps(
-            {"command": command, "date": stamp, "cpu": cpu, "summary": summary, "runs": runs}, indent=1
+            {"command": command, "date": stamp, "machine": machine(), "summary": summary, "runs": runs},
+            indent=1,
         )
     )
     print(f"results: {args.json}")

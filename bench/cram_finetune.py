@@ -10,10 +10,10 @@ fine-tune faster so than one job on every core).
 
 Every result is on disk as it comes: a pretraining run in `<out>/cram<M>/`, a fine-tuning job in
 `<out>/finetune/<checkpoint>-<task>/results.json`; a rerun skips what is done. `--table` prints the table
-and draws `<out>/cram_finetune.png` (one panel per task) from what is there.
+and draws `--png` (one panel per task) from what is there.
 
-    python bench/bench_cram.py --data ../shared/data --minutes 10 30
-    python bench/bench_cram.py --table
+    python -m bench.cram_finetune --data ../shared/data --minutes 10 30
+    python -m bench.cram_finetune --table --png bench/results/cram_finetune.png
 """
 
 from __future__ import annotations
@@ -21,28 +21,35 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_DATA, ROOT, machine  # noqa: E402
+from bench.measure import machine
+from bench.sides import DEFAULT_DATA, RESULTS, ROOT, SMOKE_CRAM, mlm_pretrain, pyplot, save_figure, smoke_data
 
 RANDOM = "random-init"
 
 
-def pretrain(data: Path, minutes: float, out: Path, threads: int) -> Path:
-    run = out / f"cram{minutes:g}"
+def pretrain(args: argparse.Namespace, minutes: float) -> Path:
+    run = Path(args.out) / f"cram{minutes:g}"
+    data = Path(args.data)
     if not (run / "final" / "model.safetensors").exists():
-        subprocess.run(
-            [sys.executable, "-m", "mlm_pretrain", "pretrain",
-             "--recipe", str(ROOT / "recipes/cpu-cram.yaml"), "--out", str(run),
-             "--corpus", str(data / "corpus"),
-             "--validation", str(data / "validation" / "corpus_validation.jsonl"),
-             f"max_minutes={minutes}", f"impl.threads={threads}", "impl.progress=false"],
-            cwd=ROOT, check=True,
-        )  # fmt: skip
+        argv = ["pretrain", "--recipe", str(ROOT / "recipes/cpu-cram.yaml"), "--out", str(run)]
+        argv += [
+            "--corpus",
+            str(data / "corpus"),
+            "--validation",
+            str(data / "validation" / "corpus_validation.jsonl"),
+        ]
+        argv += [
+            f"max_minutes={minutes}",
+            f"impl.threads={args.threads}",
+            "impl.progress=false",
+            *args.override,
+        ]
+        if mlm_pretrain(argv, inline=args.smoke) != 0:
+            sys.exit(f"pretraining {run} failed")
     return run / "final"
 
 
@@ -50,21 +57,19 @@ def finetune_job(model: Path, name: str, task: str, args: argparse.Namespace) ->
     out = Path(args.out) / "finetune" / f"{name}-{task}"
     if (out / "results.json").exists():
         return
-    command = [
-        sys.executable, "-m", "mlm_pretrain", "finetune", "--model", str(model),
-        "--task", str(Path(args.data) / "tasks" / task), "--out", str(out), "--seeds", str(args.seeds),
-        "--lr", *map(str, args.lr), "--epochs", str(args.epochs), "--max-length", str(args.max_length),
-        "--threads", "1",
+    argv = [
+        "finetune", "--model", str(model), "--task", str(Path(args.data) / "tasks" / task), "--out", str(out),
+        "--seeds", str(args.seeds), "--lr", *map(str, args.lr), "--epochs", str(args.epochs),
+        "--max-length", str(args.max_length), "--threads", "1",
     ] + (["--from-scratch"] if name == RANDOM else [])  # fmt: skip
     log = out.with_suffix(".log")
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as sink:
-        done = subprocess.run(command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, check=False)
-    if done.returncode != 0:
-        print(f"{name} on {task} failed (exit {done.returncode}), see {log}", flush=True)
+    code = mlm_pretrain(argv, inline=args.smoke, log=log)
+    if code != 0:
+        print(f"{name} on {task} failed (exit {code}), see {log}", flush=True)
 
 
-def table(out: Path, tasks: list[str]) -> None:
+def table(out: Path, tasks: list[str], png: Path) -> None:
     rows, baselines = {}, {}
     for path in sorted((out / "finetune").glob("*/results.json")):
         result = json.loads(path.read_text())
@@ -112,12 +117,7 @@ def table(out: Path, tasks: list[str]) -> None:
         + " |"
     )
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
     kinds = sorted({variant(n) for n in names})  # indexed for colors: one color per kind in every panel
     for ax, t in zip(axes[0], tasks, strict=True):
         for color, kind in enumerate(kinds):
@@ -147,12 +147,10 @@ def table(out: Path, tasks: list[str]) -> None:
         ax.set_xlabel("pretraining minutes on 2 cores (0 = random init)")
         ax.set_ylabel("test F1" if t == "sms_spam" else "test accuracy")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "cram_finetune.png", dpi=110)
-    print(f"wrote {out / 'cram_finetune.png'}")
+    save_figure(fig, png, machine().split(";")[0])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -177,17 +175,26 @@ def main() -> None:
         "minutes as a marker of its own",
     )
     parser.add_argument("--table", action="store_true", help="only print the table and draw the PNG")
-    args = parser.parse_args()
-    data, out = Path(args.data), Path(args.out)
+    parser.add_argument("--png", default=str(RESULTS / "cram_finetune.png"))
+    parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE", help="of the cram recipe")
+    parser.add_argument("--smoke", action="store_true", help="3 s of a 2x64 cram, one seed on a task sample")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.data = str(smoke_data())
+        args.out, args.png = str(Path(args.data) / "runs"), str(Path(args.data) / "cram_finetune.png")
+        args.minutes, args.tasks, args.seeds, args.epochs, args.jobs = [0.05], ["rt_sentiment"], 1, 1, 1
+        args.max_length = 32
+        args.override = SMOKE_CRAM
+    out = Path(args.out)
     if not args.table:
-        checkpoints = {f"cram{m:g}": pretrain(data, m, out, args.threads) for m in args.minutes}
+        checkpoints = {f"cram{m:g}": pretrain(args, m) for m in args.minutes}
         checkpoints |= {name: Path(d) for name, d in (item.split("=", 1) for item in args.also)}
         architecture = next(iter(checkpoints.values()))
         jobs = [(architecture, RANDOM, t) for t in args.tasks]
         jobs += [(model, name, t) for name, model in checkpoints.items() for t in args.tasks]
         with ThreadPoolExecutor(args.jobs) as pool:
             list(pool.map(lambda job: finetune_job(*job, args), jobs))
-    table(out, args.tasks)
+    table(out, args.tasks, Path(args.png))
 
 
 if __name__ == "__main__":

@@ -3,25 +3,23 @@
 Sides, each in its own process (so its peak RSS is its own), alternated round by round:
 
 ours     `BlockStream(TextStream(corpus), tokenizer, 128)` iterated to the end, as a training loop would.
-run_mlm  HF examples/pytorch/language-modeling/run_mlm.py's preprocessing, as a user would run it on these
-         files: `load_dataset("text")` for the .txt/.txt.gz files and `load_dataset("json")` for the
-         .jsonl.gz one (its `text` column), concatenated, then `.map(tokenize, batched=True, num_proc=2)`
-         with `return_special_tokens_mask=True` and `.map(group_texts, batched=True, num_proc=2)`
-         (`--preprocessing_num_workers 2`; `--num-proc` changes it).
+run_mlm  HF examples/pytorch/language-modeling/run_mlm.py's preprocessing (`bench.peers`) as a user would
+         run it on these files, with `--preprocessing_num_workers 2` (`--num-proc` changes it).
          Each run gets a fresh, empty HF_DATASETS_CACHE, so no run reuses another's Arrow cache.
 run_mlm_default  the same at run_mlm.py's default, `--preprocessing_num_workers` unset: `num_proc=None`,
          both maps in the main process.
 raw      the fast tokenizer's `encode_batch` (and `encode_batch_fast`) over the same documents already in
-         memory: the ceiling, as it neither reads files nor packs.
+         memory (`bench.peers.raw_encode`): the ceiling, as it neither reads files nor packs.
 
 tokens/s counts document tokens (no [CLS]/[SEP]/[PAD]) tokenized per wall-clock second, the same count
 for every side. "delivered" is the document tokens that come out inside blocks; run_mlm's group_texts
 drops the remainder of every 1000-row map batch. The ratio columns are speed ratios (a side's tokens/s over
 the run_mlm side's): above 1 the side is that many times faster.
 
-    python bench/bench_corpus.py                                   # the default 8k WordPiece
-    python bench/bench_corpus.py --tokenizer /tmp/wp30k --rounds 3 # e.g. one bench_tokenizer.py --keep made
-    python bench/bench_corpus.py --scales 1 4 16 --sides ours,run_mlm_default --png bench/loader_scaling.png
+    python -m bench.loader_speed                                   # the default 8k WordPiece
+    python -m bench.loader_speed --tokenizer /tmp/wp30k --rounds 3 # e.g. one tokenizer_speed --keep made
+    python -m bench.loader_speed --scales 1 4 16 --sides ours,run_mlm_default \
+        --png bench/results/loader_scaling.png
 
 `--scales` runs every side on the corpus repeated N times (N links to each of its files, in a temporary
 directory): a streaming loader's tokens/s and peak memory should not change with N. Each round runs every
@@ -32,22 +30,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
-from itertools import chain
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    DEFAULT_DATA,
-    ROOT,
-    cpu_seconds,
+from bench.measure import cpu_seconds, machine
+from bench.sides import (
     direction,
-    machine,
     median,
+    pyplot,
     report,
     run_side,
+    save_figure,
+    smoke_data,
+    stream_arguments,
     table,
 )
 
@@ -83,34 +79,13 @@ def side_run_mlm(corpus: str, tokenizer_dir: str, seq_len: int, num_proc: int | 
         import numpy as np
         import pyarrow.compute as pc
 
+        from bench.peers import run_mlm_preprocessing
         from mlm_pretrain.tokenizer import load_tokenizer
 
         datasets.disable_progress_bars()
         tokenizer = load_tokenizer(tokenizer_dir)
-        files = sorted(str(p) for p in Path(corpus).iterdir() if p.is_file())
-        text_files = [f for f in files if f.endswith((".txt", ".txt.gz"))]
-        json_files = [f for f in files if f.endswith((".jsonl", ".jsonl.gz"))]
-
-        def tokenize_function(examples):
-            return tokenizer(examples["text"], return_special_tokens_mask=True)
-
-        def group_texts(examples):  # verbatim from run_mlm.py
-            concatenated_examples = {k: list(chain(*examples[k])) for k in examples}
-            total_length = len(concatenated_examples[list(examples.keys())[0]])
-            total_length = (total_length // seq_len) * seq_len
-            return {
-                k: [t[i : i + seq_len] for i in range(0, total_length, seq_len)]
-                for k, t in concatenated_examples.items()
-            }
-
         start, cpu = time.perf_counter(), cpu_seconds()
-        parts = [datasets.load_dataset("text", data_files={"train": text_files}, split="train")]
-        if json_files:
-            json_ds = datasets.load_dataset("json", data_files={"train": json_files}, split="train")
-            parts.append(json_ds.select_columns(["text"]))
-        raw = datasets.concatenate_datasets(parts)
-        tokenized = raw.map(tokenize_function, batched=True, num_proc=num_proc, remove_columns=["text"])
-        grouped = tokenized.map(group_texts, batched=True, num_proc=num_proc)
+        tokenized, grouped = run_mlm_preprocessing(corpus, tokenizer, seq_len, num_proc)
         seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu  # the workers' CPU included
 
         specials = np.array(sorted({tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id}))
@@ -129,27 +104,24 @@ def side_run_mlm(corpus: str, tokenizer_dir: str, seq_len: int, num_proc: int | 
 
 
 def side_raw(corpus: str, tokenizer_dir: str) -> dict:
+    from bench.peers import raw_encode
     from mlm_pretrain.corpus import TextStream
     from mlm_pretrain.tokenizer import load_tokenizer
 
     backend = load_tokenizer(tokenizer_dir).backend_tokenizer
     docs = list(TextStream([corpus], epochs=1, seed=0))
     figures = {}
-    for name in ("encode_batch", "encode_batch_fast"):
-        start, cpu = time.perf_counter(), cpu_seconds()
-        encodings = getattr(backend, name)(docs, add_special_tokens=False)
-        figures[f"seconds_{name}"], figures[f"cpu_{name}"] = time.perf_counter() - start, cpu_seconds() - cpu
-        figures["doc_tokens"] = sum(len(e.ids) for e in encodings)
-        del encodings
+    for method in ("encode_batch", "encode_batch_fast"):
+        start_cpu = cpu_seconds()
+        figures[f"seconds_{method}"], figures["doc_tokens"] = raw_encode(backend, docs, method)
+        figures[f"cpu_{method}"] = cpu_seconds() - start_cpu
     return figures
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--data", default=DEFAULT_DATA)
-    parser.add_argument("--tokenizer", default=str(ROOT / "tokenizers" / "default-wordpiece-8k"))
-    parser.add_argument("--seq-len", type=int, default=128)
+    stream_arguments(parser)
     parser.add_argument(
         "--num-proc", type=int, default=2, help="the run_mlm side's --preprocessing_num_workers"
     )
@@ -160,9 +132,13 @@ def main() -> None:
         "--scales", nargs="+", type=int, default=[1], help="corpus sizes, as repetitions of the corpus"
     )
     parser.add_argument("--png", help="draw tokens/s and peak RSS against corpus size (with --scales)")
+    parser.add_argument("--smoke", action="store_true", help="every side once on the repo's sample, seconds")
     parser.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side
     parser.add_argument("--corpus", help=argparse.SUPPRESS)  # internal: the (repeated) corpus directory
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.data = str(smoke_data())
+        args.rounds, args.scales, args.png = 1, [1, 2], str(Path(args.data) / "loader_scaling.png")
     corpus = args.corpus or str(Path(args.data) / "corpus")
 
     if args.side == "ours":
@@ -218,7 +194,9 @@ def run_rounds(args: argparse.Namespace, corpora: dict[int, Path]) -> dict[int, 
     for round_ in range(args.rounds):
         for scale, corpus in corpora.items():
             for side in sides:
-                result = run_side("bench_corpus.py", side, [*forwarded, "--corpus", str(corpus)])
+                result = run_side(
+                    "loader_speed", side, [*forwarded, "--corpus", str(corpus)], inline=args.smoke
+                )
                 runs[scale][side].append(result)
                 seconds = result.get("seconds", result.get("seconds_encode_batch"))
                 print(f"round {round_ + 1} x{scale:<3d} {side:15s} {seconds:6.1f} s", flush=True)
@@ -263,12 +241,7 @@ def print_comparison(args: argparse.Namespace, runs: dict[str, list[dict]]) -> N
 
 def plot_scaling(rows: list[list], png: Path) -> None:
     """tokens/s and peak RSS of each side against corpus size, from the scaling table's rows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    figure, axes = pyplot().subplots(1, 2, figsize=(10, 4))
     for side in dict.fromkeys(row[1] for row in rows):
         mine = [row for row in rows if row[1] == side]
         scales = [int(row[0][1:]) for row in mine]
@@ -280,10 +253,7 @@ def plot_scaling(rows: list[list], png: Path) -> None:
         axis.set_ylabel(label)
         axis.set_ylim(bottom=0)
         axis.legend()
-    figure.suptitle(machine().split(";")[0], fontsize=8)
-    figure.tight_layout()
-    figure.savefig(png, dpi=120)
-    print(f"wrote {png}")
+    save_figure(figure, png, machine().split(";")[0])
 
 
 if __name__ == "__main__":

@@ -1,29 +1,28 @@
-"""Equal wall time against the Hugging Face path (issue 13, item 2): validation MLM loss after N minutes.
+"""Equal wall time against the Hugging Face path: validation MLM loss after N minutes.
 
-Ours: the `recipes/cpu-cram.yaml` runs made for the fine-tuning evidence (`--ours MINUTES=RUN_DIR`, each a
-run with its own `max_minutes` budget, the clock counting start-up, evaluations and checkpoints).
-The peer: the `run_mlm.py` path as its users run it: the corpus files through `datasets` ("text" / "json"),
-tokenized with `map(batched=True)`, concatenated into 128-token blocks (`group_texts`),
-`DataCollatorForLanguageModeling(mlm_probability=0.15)`, `Trainer`, the same architecture (our export's
-`config.json`, freshly initialised), tokenizer, batch 64, AdamW betas (0.9, 0.98), weight decay 0.01, 5%
-warmup then linear decay, at each learning rate of `--lrs` for the first budget; later budgets use the rate
-that was best at the first. Its clock starts with the process, preprocessing included. So that its
-schedule ends when its time does, `max_steps` comes from a timing of 6 steps made before the clock starts
-(what a careful user learns from a trial run); a callback stops it at the deadline in any case.
+Ours: `recipes/cpu-cram.yaml` runs (`--ours MINUTES=RUN_DIR`, each a run with its own `max_minutes` budget,
+the clock counting start-up, evaluations and checkpoints). The peer: the `run_mlm.py` path as its users run
+it (`bench.peers`): the corpus files through its `datasets` preprocessing into 128-token blocks, its
+`Trainer`, the same architecture (our export's `config.json`, freshly initialised), tokenizer, batch 64,
+AdamW betas (0.9, 0.98), weight decay 0.01, 5% warmup then linear decay, at each learning rate of `--lrs`
+for the first budget; later budgets use the rate that was best at the first. Its clock starts with the
+process, preprocessing included. So that its schedule ends when its time does, `max_steps` comes from a
+timing of 6 steps made before the clock starts (what a careful user learns from a trial run); a callback
+stops it at the deadline in any case.
 
 One evaluator scores every export: the trainer's own `evaluate` (the shared validation text, 128-token
 blocks, mask rate 0.15 with fixed masks, 512 blocks), loss per masked token and masked-token accuracy.
 Each result is written to `<out>/results.json` as it comes; a rerun skips what is done.
 
-    python bench/bench_wall_time.py --ours 10=runs/cram10 30=runs/cram30 --minutes 10 30 --lrs 5e-4 1e-3
+    python -m bench.wall_time --ours 10=runs/cram10 30=runs/cram30 --minutes 10 30 --lrs 5e-4 1e-3
 
 or side by side, one pinned core each (both sides under the same load), then score both:
 
-    taskset -c 0 mlm-pretrain pretrain --recipe recipes/cpu-cram.yaml --out runs/cram10-1core \
+    taskset -c 0 mlm-pretrain pretrain --recipe recipes/cpu-cram.yaml --out runs/cram10-1core \\
         max_minutes=10 impl.threads=1 &
-    taskset -c 1 python bench/bench_wall_time.py --side hf --minutes-one 10 --lr 5e-4 --threads 1 \
+    taskset -c 1 python -m bench.wall_time --side hf --minutes-one 10 --lr 5e-4 --threads 1 \\
         --run runs/wall-time/hf-10min-lr0.0005 --config runs/cram10/final/config.json; wait
-    python bench/bench_wall_time.py --ours 10=runs/cram10-1core --minutes 10 --lrs 5e-4 --threads 1
+    python -m bench.wall_time --ours 10=runs/cram10-1core --minutes 10 --lrs 5e-4 --threads 1
 
 `--score EXPORT ...` only scores exports, on the validation text and evaluation settings of
 `--score-recipe` (e.g. recipes/continue-on-task.yaml: the task's own validation sentences).
@@ -38,10 +37,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_DATA, ROOT, machine  # noqa: E402
+from bench.measure import Clock, machine
+from bench.sides import DEFAULT_DATA, ROOT, SMOKE_CRAM, mlm_pretrain, smoke_data
 
-TOKENIZER = ROOT / "tokenizers" / "shared-wordpiece-16k"
 CRAM = ROOT / "recipes" / "cpu-cram.yaml"
 
 
@@ -51,59 +49,33 @@ def hf_side(args: argparse.Namespace) -> None:
     deadline = started + args.minutes * 60
     import datasets
     import torch
-    from datasets import concatenate_datasets, load_dataset
-    from transformers import (
-        AutoConfig,
-        AutoModelForMaskedLM,
-        AutoTokenizer,
-        DataCollatorForLanguageModeling,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
+    from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, TrainerCallback
+
+    from bench.peers import mlm_trainer, run_mlm_preprocessing
 
     torch.set_num_threads(args.threads)
     datasets.disable_progress_bars()
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER)
-    corpus = Path(args.data) / "corpus"
-    parts = []
-    for path in sorted(corpus.iterdir()):
-        kind = "json" if ".jsonl" in path.name else "text"
-        part = load_dataset(kind, data_files=str(path), split="train")
-        parts.append(part.select_columns(["text"]))
-    raw = concatenate_datasets(parts)
-    tokenized = raw.map(
-        lambda batch: tokenizer(batch["text"], return_special_tokens_mask=True),
-        batched=True,
-        remove_columns=["text"],
-    )
-
-    def group_texts(examples: dict) -> dict:
-        concatenated = {k: sum(examples[k], []) for k in examples}
-        total = len(concatenated["input_ids"]) // args.seq_len * args.seq_len
-        return {
-            k: [t[i : i + args.seq_len] for i in range(0, total, args.seq_len)]
-            for k, t in concatenated.items()
-        }
-
-    blocks = tokenized.map(group_texts, batched=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    _, blocks = run_mlm_preprocessing(Path(args.data) / "corpus", tokenizer, args.seq_len, None)
     config = AutoConfig.from_pretrained(args.config)
-    torch.manual_seed(0)
-    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
+    optim = {
+        "lr": args.lr,
+        "warmup": 0.05,
+        "weight_decay": 0.01,
+        "betas": (0.9, 0.98),
+        "eps": 1e-8,
+        "clip": 1.0,
+    }
 
     # The trial: 6 steps of a throwaway model, the last 4 timed, outside the clock.
-    trial_started = time.monotonic()
-    trial = AutoModelForMaskedLM.from_config(config)
-    optimizer = torch.optim.AdamW(trial.parameters(), lr=args.lr)
-    batch = collator([blocks[i] for i in range(64)])
-    for i in range(6):
-        if i == 2:
-            tick = time.monotonic()
-        trial(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    per_step = (time.monotonic() - tick) / 4
-    del trial, optimizer
+    trial_started, clock = time.monotonic(), Clock()
+    trial = mlm_trainer(
+        AutoModelForMaskedLM.from_config(config), tokenizer, blocks, Path(args.run) / "trial",
+        batch_size=args.batch, max_steps=6, optim=optim, logging_steps=1, clock=clock,
+    )  # fmt: skip
+    trial.train()
+    per_step = (clock.wall[6] - clock.wall[2]) / 4
+    del trial
     trial_seconds = time.monotonic() - trial_started
     deadline += trial_seconds
     preprocessing_seconds = trial_started - started
@@ -115,40 +87,18 @@ def hf_side(args: argparse.Namespace) -> None:
                 control.should_training_stop = True
 
     torch.manual_seed(0)
-    model = AutoModelForMaskedLM.from_config(config)
-    training = TrainingArguments(
-        output_dir=str(Path(args.run) / "trainer"),
-        per_device_train_batch_size=64,
-        learning_rate=args.lr,
-        weight_decay=0.01,
-        adam_beta2=0.98,
-        lr_scheduler_type="linear",
-        warmup_steps=max(1, int(0.05 * max_steps)),
-        max_steps=max_steps,
-        max_grad_norm=1.0,
-        logging_steps=50,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-    )
-    trainer = Trainer(
-        model=model,
-        args=training,
-        train_dataset=blocks,
-        data_collator=collator,
-        callbacks=[Deadline()],
-    )
-    trained = trainer.train()
-    steps = trained.global_step
+    trainer = mlm_trainer(
+        AutoModelForMaskedLM.from_config(config), tokenizer, blocks, Path(args.run) / "trainer",
+        batch_size=args.batch, max_steps=max_steps, optim=optim, logging_steps=50, callbacks=[Deadline()],
+    )  # fmt: skip
+    steps = trainer.train().global_step
     seconds = time.monotonic() - started - trial_seconds
     trainer.save_model(str(Path(args.run) / "final"))
     tokenizer.save_pretrained(str(Path(args.run) / "final"))
     figures = {
         "steps": steps,
         "planned_steps": max_steps,
-        "tokens": steps * 64 * args.seq_len,
+        "tokens": steps * args.batch * args.seq_len,
         "seconds": seconds,
         "trial_seconds_per_step": per_step,
         "preprocessing_seconds": preprocessing_seconds,
@@ -165,7 +115,8 @@ def score(export: Path, recipe_path: Path, overrides: list[str] = ()) -> dict:
     from mlm_pretrain.objectives.mlm import SparseMLM
     from mlm_pretrain.packing import TokenInfo
     from mlm_pretrain.recipe import load_recipe
-    from mlm_pretrain.trainer import PretrainRecipe, evaluate
+    from mlm_pretrain.schema import PretrainRecipe
+    from mlm_pretrain.trainer import evaluate
 
     recipe = load_recipe(PretrainRecipe, recipe_path, list(overrides))
     tokenizer = AutoTokenizer.from_pretrained(export)
@@ -173,10 +124,10 @@ def score(export: Path, recipe_path: Path, overrides: list[str] = ()) -> dict:
     return evaluate(SparseMLM(model), recipe, tokenizer, TokenInfo(tokenizer), Accelerator(cpu=True))
 
 
-def score_on_corpus_validation(export: Path, data: Path) -> dict:
-    """Both sides' one evaluator: the shared validation text, mask 0.15, 512 blocks."""
+def score_on_corpus_validation(export: Path, data: Path, blocks: int) -> dict:
+    """Both sides' one evaluator: the shared validation text, mask 0.15, `blocks` blocks."""
     validation = data / "validation" / "corpus_validation.jsonl"
-    return score(export, CRAM, [f"data.validation=[{validation}]", "impl.eval_blocks=512"])
+    return score(export, CRAM, [f"data.validation=[{validation}]", f"impl.eval_blocks={blocks}"])
 
 
 def ours_figures(run: Path) -> dict:
@@ -185,7 +136,24 @@ def ours_figures(run: Path) -> dict:
     return {"steps": steps[-1]["step"], "tokens": steps[-1]["tokens"]}
 
 
-def main() -> None:
+def smoke_run(data: Path, out: Path) -> Path:
+    """A 4-step cram run of a 2x64 model on the smoke data: the `--ours` run of a smoke test."""
+    run = out / "cram-smoke"
+    overrides = [
+        f"data.corpus=['{data / 'corpus'}']",
+        f"data.validation=['{data / 'validation'}']",
+        *SMOKE_CRAM,
+        "max_minutes=null",
+        "max_steps=4",
+        "impl.log_every=1",
+        f"impl.out={run}",
+    ]
+    if mlm_pretrain(["pretrain", "--recipe", str(CRAM), *overrides], inline=True) != 0:
+        sys.exit("the smoke run of mlm-pretrain pretrain failed")
+    return run
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -195,6 +163,11 @@ def main() -> None:
     parser.add_argument("--lrs", nargs="+", type=float, default=[5e-4, 1e-3])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=64, help="the peer's blocks per step")
+    parser.add_argument("--tokenizer", default=str(ROOT / "tokenizers" / "shared-wordpiece-16k"))
+    parser.add_argument(
+        "--eval-blocks", type=int, default=512, help="validation blocks every export is scored on"
+    )
     parser.add_argument("--out", default=str(ROOT / "runs" / "wall-time"))
     parser.add_argument(
         "--score",
@@ -203,12 +176,13 @@ def main() -> None:
         help="only score these exports, on --score-recipe's validation",
     )
     parser.add_argument("--score-recipe", default=str(CRAM))
+    parser.add_argument("--smoke", action="store_true", help="a 4-step run of ours, 3 s of the peer; seconds")
     parser.add_argument("--side", choices=["hf"], help=argparse.SUPPRESS)
     parser.add_argument("--minutes-one", dest="one", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--lr", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--run", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.score:
         for export in args.score:
             print(export, json.dumps(score(Path(export), Path(args.score_recipe))))
@@ -217,6 +191,12 @@ def main() -> None:
         args.minutes = args.one
         hf_side(args)
         return
+    if args.smoke:
+        args.data = str(smoke_data())
+        args.out = str(Path(args.data) / "wall-time")
+        args.tokenizer = str(ROOT / "tokenizers" / "default-wordpiece-8k")
+        args.ours = [f"0.05={smoke_run(Path(args.data), Path(args.out))}"]
+        args.minutes, args.lrs, args.eval_blocks, args.batch = [0.05], [1e-3], 8, 8
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,14 +212,8 @@ def main() -> None:
     for minutes, run in sorted(ours.items()):
         name = f"ours {minutes:g} min"
         if name not in results and (run / "final" / "model.safetensors").exists():
-            record(
-                name,
-                {
-                    "minutes": minutes,
-                    **ours_figures(run),
-                    **score_on_corpus_validation(run / "final", Path(args.data)),
-                },
-            )
+            scores = score_on_corpus_validation(run / "final", Path(args.data), args.eval_blocks)
+            record(name, {"minutes": minutes, **ours_figures(run), **scores})
 
     for index, minutes in enumerate(args.minutes):
         if index == 0:
@@ -254,25 +228,21 @@ def main() -> None:
             run = out / f"hf-{minutes:g}min-lr{lr:g}"
             if not (run / "hf_result.json").exists():  # or run apart, beside ours, with --side hf
                 print(f"{machine()}\n{name} ...", flush=True)
-                side = subprocess.run(
-                    [sys.executable, __file__, "--side", "hf", "--minutes-one", str(minutes), "--lr", str(lr),
-                     "--run", str(run), "--config", str(config), "--data", args.data,
-                     "--threads", str(args.threads), "--seq-len", str(args.seq_len)],
-                    capture_output=True, text=True, check=False,
-                )  # fmt: skip
-                if side.returncode != 0:
-                    sys.exit(f"{name} failed:\n{side.stderr[-3000:]}")
+                hf_argv = [
+                    "--side", "hf", "--minutes-one", str(minutes), "--lr", str(lr), "--run", str(run),
+                    "--config", str(config), "--data", args.data, "--threads", str(args.threads),
+                    "--seq-len", str(args.seq_len), "--tokenizer", args.tokenizer, "--batch", str(args.batch),
+                ]  # fmt: skip
+                if args.smoke:  # the same side in this process: one interpreter start less
+                    main(hf_argv)
+                else:
+                    command = [sys.executable, "-m", "bench.wall_time", *hf_argv]
+                    side = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT)
+                    if side.returncode != 0:
+                        sys.exit(f"{name} failed:\n{side.stderr[-3000:]}")
             figures = json.loads((run / "hf_result.json").read_text())
-            record(
-                name,
-                {
-                    "side": "hf",
-                    "minutes": minutes,
-                    "lr": lr,
-                    **figures,
-                    **score_on_corpus_validation(run / "final", Path(args.data)),
-                },
-            )
+            scores = score_on_corpus_validation(run / "final", Path(args.data), args.eval_blocks)
+            record(name, {"side": "hf", "minutes": minutes, "lr": lr, **figures, **scores})
 
     print(machine())
     print("| run | steps | tokens | validation loss / masked token | masked accuracy |")

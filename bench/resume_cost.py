@@ -14,8 +14,8 @@ naive    a fresh stream iterated from the start, the blocks before the point dis
 Both are checked against the reference: the restored stream must yield exactly the blocks it yielded
 next (through the first read and 16 more), the naive one its first block. Rounds alternate restore/naive.
 
-    python bench/bench_resume.py
-    python bench/bench_resume.py --points 1e6,5e6 --rounds 1
+    python -m bench.resume_cost
+    python -m bench.resume_cost --points 1e6,5e6 --rounds 1
 """
 
 from __future__ import annotations
@@ -29,12 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_DATA, ROOT, table  # noqa: E402
-
-from mlm_pretrain.corpus import TextStream  # noqa: E402
-from mlm_pretrain.packing import BlockStream  # noqa: E402
-from mlm_pretrain.tokenizer import load_tokenizer  # noqa: E402
+from bench.sides import smoke_data, stream_arguments, table
+from mlm_pretrain.corpus import TextStream
+from mlm_pretrain.packing import BlockStream
+from mlm_pretrain.tokenizer import load_tokenizer
 
 AFTER_FIRST_READ = 16  # blocks compared after the first fresh read
 SAMPLE_EVERY = 64  # blocks between looks for the deepest .gz position
@@ -148,16 +146,19 @@ def naive(setup: Setup, point: Point) -> float:
     return seconds
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
-    parser.add_argument("--data", default=DEFAULT_DATA)
-    parser.add_argument("--tokenizer", default=str(ROOT / "tokenizers" / "default-wordpiece-8k"))
-    parser.add_argument("--seq-len", type=int, default=128)
+    stream_arguments(parser)
     parser.add_argument("--shuffle-buffer", type=int, default=1000)
     parser.add_argument("--points", default="1e6,5e6,1e7", help="packed tokens at which states are saved")
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument(
+        "--smoke", action="store_true", help="states at 5k and 20k tokens of the repo's sample"
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.data, args.points, args.rounds, args.shuffle_buffer = str(smoke_data()), "5e3,2e4", 1, 100
 
     setup = Setup(str(Path(args.data) / "corpus"), args.tokenizer, args.seq_len, args.shuffle_buffer)
     points, tps = reference(setup, [int(float(p)) for p in args.points.split(",")])

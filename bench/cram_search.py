@@ -6,20 +6,18 @@ recipe) and evaluated on the shared validation text at mask rate 0.15 every `--e
 Results go to `<out>/<setting>/` as each run ends; a rerun skips settings already done, so the search
 survives the end of a session. `--table` prints what is done.
 
-    taskset -c 1 python bench/bench_cram_search.py --tokens 4000000   # one core, the other left free
-    python bench/bench_cram_search.py --table
+    taskset -c 1 python -m bench.cram_search --tokens 4000000   # one core, the other left free
+    python -m bench.cram_search --table
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT.parent / "shared" / "data"
+from bench.sides import DEFAULT_DATA, ROOT, SMOKE_CRAM, mlm_pretrain, smoke_data
 
 # name -> overrides of recipes/cpu-cram.yaml; `{corpus}` is the corpus directory
 SETTINGS: dict[str, list[str]] = {
@@ -47,28 +45,17 @@ def run(name: str, overrides: list[str], args: argparse.Namespace) -> None:
     if (out / "final" / "config.json").exists():
         return
     corpus = str(Path(args.data) / "corpus")
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlm_pretrain",
-        "pretrain",
-        "--recipe",
-        str(ROOT / "recipes" / "cpu-cram.yaml"),
-        "--out",
-        str(out),
-        "--validation",
-        str(Path(args.data) / "validation" / "corpus_validation.jsonl"),
-        "max_minutes=null",
-        f"max_tokens={args.tokens}",
-        f"impl.eval_every={args.eval_every}",
-        f"impl.save_every={args.eval_every}",
-        f"impl.threads={args.threads}",
-        "impl.progress=false",
+    argv = [
+        "pretrain", "--recipe", str(ROOT / "recipes" / "cpu-cram.yaml"), "--out", str(out),
+        "--validation", str(Path(args.data) / "validation" / "corpus_validation.jsonl"),
+        "max_minutes=null", f"max_tokens={args.tokens}", f"impl.eval_every={args.eval_every}",
+        f"impl.save_every={args.eval_every}", f"impl.threads={args.threads}", "impl.progress=false",
         "--resume",
-        *(o.replace("{corpus}", corpus) for o in ["data.corpus=['{corpus}']", *overrides]),
-    ]
-    print(f"== {name}: {' '.join(cmd[3:])}", flush=True)
-    subprocess.run(cmd, cwd=ROOT, check=True)
+        *args.override, *(o.replace("{corpus}", corpus) for o in ["data.corpus=['{corpus}']", *overrides]),
+    ]  # fmt: skip
+    print(f"== {name}: {' '.join(argv[1:])}", flush=True)
+    if mlm_pretrain(argv, inline=args.smoke) != 0:
+        sys.exit(f"{name} failed")
 
 
 def summary(out: Path) -> list[dict]:
@@ -101,18 +88,24 @@ def print_table(rows: list[dict]) -> None:
         print(f"| {row['setting']} | {'yes' if row['done'] else 'no'} | {speed} | {evals} |")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--out", default=str(ROOT / "runs" / "cram-search"))
     parser.add_argument("--tokens", type=int, default=4_000_000)
     parser.add_argument("--eval-every", type=int, default=100, help="steps")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", nargs="+", choices=list(SETTINGS), help="run these settings only")
     parser.add_argument("--table", action="store_true", help="print the results so far and stop")
-    args = parser.parse_args()
+    parser.add_argument("--override", nargs="+", default=[], metavar="KEY=VALUE", help="of every setting")
+    parser.add_argument("--smoke", action="store_true", help="one setting, a 2x64 model, 4k tokens; seconds")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.data = str(smoke_data())
+        args.out, args.tokens, args.eval_every = str(Path(args.data) / "cram-search"), 4096, 4
+        args.only, args.override = ["modernbert-lr1e-3-mask30"], SMOKE_CRAM
     if not args.table:
         for name in args.only or SETTINGS:
             run(name, SETTINGS[name], args)

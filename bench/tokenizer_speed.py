@@ -2,9 +2,9 @@
 
 Both train on the same documents of the whole corpus with the same normalizer, pre-tokenizer and trainer
 (`build_tokenizer_and_trainer`: lowercase, min_frequency 2): ours holds out every 100th document to
-measure its report, so raw gets the same 99% of the documents, read into a Python list first and passed
-to `Tokenizer.train_from_iterator` as an iterator of lists of 1000 texts (`--raw-batch`), as the
-`tokenizers` docs advise (ours feeds batches of 1000 too); the read is timed apart. Each side runs in its
+measure its report, so raw (`bench.peers.raw_tokenizer_training`) gets the same 99% of the documents, read
+into a Python list first and fed as lists of 1000 texts (`--raw-batch`), as the `tokenizers` docs advise
+(ours feeds batches of 1000 too); the read is timed apart. Each side runs in its
 own process (its own peak RSS), the sides alternating round by round.
 
 "train s" is the `train_from_iterator` call: for ours it includes streaming the files (the reading happens
@@ -12,8 +12,8 @@ inside it), for raw it does not. "total s" is ours's whole `train_tokenizer` (tr
 the held-out documents) and raw's read + train. "x raw's time" is ours's train s over raw's: above 1 ours
 is that many times slower, below 1 faster.
 
-    python bench/bench_tokenizer.py                         # WordPiece and byte-level BPE, vocab 30522
-    python bench/bench_tokenizer.py --kinds wordpiece --keep /tmp/wp30k   # keep ours for bench_corpus.py
+    python -m bench.tokenizer_speed                        # WordPiece and byte-level BPE, vocab 30522
+    python -m bench.tokenizer_speed --kinds wordpiece --keep /tmp/wp30k   # keep ours for loader_speed
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ import argparse
 import hashlib
 import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_DATA, direction, machine, median, report, run_side, table  # noqa: E402
+from bench.measure import machine
+from bench.sides import DEFAULT_DATA, direction, median, report, run_side, smoke_data, table
 
 
 def vocab_digest(vocab: dict[str, int]) -> str:
@@ -59,8 +58,9 @@ def side_ours(corpus: str, kind: str, vocab_size: int, keep: str | None) -> dict
 
 
 def side_raw(corpus: str, kind: str, vocab_size: int, batch_size: int) -> dict:
+    from bench.peers import raw_tokenizer_training
     from mlm_pretrain.corpus import TextStream
-    from mlm_pretrain.tokenizer import HOLDOUT_EVERY, build_tokenizer_and_trainer
+    from mlm_pretrain.tokenizer import HOLDOUT_EVERY
 
     start = time.perf_counter()
     docs = [
@@ -69,15 +69,11 @@ def side_raw(corpus: str, kind: str, vocab_size: int, batch_size: int) -> dict:
         if i % HOLDOUT_EVERY != HOLDOUT_EVERY - 1
     ]
     read = time.perf_counter() - start
-    tok, trainer = build_tokenizer_and_trainer(kind, vocab_size, lowercase=True, min_frequency=2)
-    start = time.perf_counter()
-    batches = (docs[i : i + batch_size] for i in range(0, len(docs), batch_size))  # the docs' batch_iterator
-    tok.train_from_iterator(batches, trainer=trainer, length=len(docs))
-    train = time.perf_counter() - start
+    train, tok = raw_tokenizer_training(docs, kind, vocab_size, batch_size)
     return {"train": train, "total": read + train, "docs": len(docs), "vocab": vocab_digest(tok.get_vocab())}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--data", default=DEFAULT_DATA)
@@ -86,9 +82,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--keep", help="save ours's (first kind's) tokenizer here")
     parser.add_argument("--raw-batch", type=int, default=1000, help="texts per list fed to the raw side")
+    parser.add_argument("--smoke", action="store_true", help="a 2k vocabulary on the repo's sample, seconds")
     parser.add_argument("--side", choices=("ours", "raw"), help=argparse.SUPPRESS)  # internal: run one side
     parser.add_argument("--kind", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.data, args.vocab_size, args.rounds = str(smoke_data()), 2000, 1
     corpus = str(Path(args.data) / "corpus")
 
     if args.side == "ours":
@@ -114,7 +113,7 @@ def main() -> None:
                     str(args.raw_batch),
                     *extra,
                 ]
-                result = run_side("bench_tokenizer.py", side, forwarded)
+                result = run_side("tokenizer_speed", side, forwarded, inline=args.smoke)
                 runs[kind, side].append(result)
                 print(f"round {round_ + 1} {kind:9s} {side:4s} train {result['train']:6.1f} s", flush=True)
 

@@ -7,7 +7,7 @@ run's logged windows after the first (compilation and start-up excluded). The mo
 that tokenizing, packing and masking are a visible share of a step; on a large model or a GPU the
 share is smaller on the step side and larger on the loader side.
 
-    python bench/bench_producer.py --data ../shared/data --rounds 2
+    python -m bench.producer_overlap --data ../shared/data --rounds 2
 """
 
 from __future__ import annotations
@@ -15,32 +15,40 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = ROOT.parent / "shared" / "data"
+from bench.measure import machine
+from bench.sides import DEFAULT_DATA, ROOT, mlm_pretrain, smoke_data
 
 
 def run(out: Path, prefetch: int, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, "-m", "mlm_pretrain", "pretrain", "--recipe", str(ROOT / "recipes/tiny.yaml")]
-    cmd += ["--corpus", str(Path(args.data) / "corpus"), "--out", str(out), "--max-steps", str(args.steps)]
-    cmd += [
-        f"data.seq_len={args.seq}",
-        f"optim.batch_size={args.batch}",
-        f"optim.micro_batch_size={args.batch}",
+    argv = [
+        "pretrain",
+        "--recipe",
+        str(ROOT / "recipes/tiny.yaml"),
+        "--corpus",
+        str(Path(args.data) / "corpus"),
     ]
-    cmd += [
+    argv += ["--out", str(out), "--max-steps", str(args.steps), f"data.seq_len={args.seq}"]
+    argv += [f"optim.batch_size={args.batch}", f"optim.micro_batch_size={args.batch}"]
+    argv += [
         f"model.hidden_size={args.hidden}",
         f"model.num_layers={args.layers}",
         f"impl.prefetch={prefetch}",
     ]
-    cmd += [f"impl.threads={args.threads}", "impl.progress=false", "log_every=10", "eval_every=100000"]
-    cmd += ["save_every=100000", "eval_blocks=8", f"model.intermediate_size={4 * args.hidden}"]
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    argv += [f"impl.threads={args.threads}", "impl.progress=false", f"log_every={max(1, args.steps // 20)}"]
+    argv += [
+        "eval_every=100000",
+        "save_every=100000",
+        "eval_blocks=8",
+        f"model.intermediate_size={4 * args.hidden}",
+    ]
+    if mlm_pretrain(argv, inline=args.smoke, log=out.with_suffix(".log")) != 0:
+        sys.exit(f"mlm-pretrain pretrain failed: {out.with_suffix('.log')}")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["tokens_per_s"] for r in records if r.get("tokens_per_s")][1:]
     tokens_per_s = statistics.median(speeds)
@@ -53,8 +61,8 @@ def loader_speed(args: argparse.Namespace) -> float:
 
     from mlm_pretrain.batches import MLMBatches
     from mlm_pretrain.corpus import TextStream
-    from mlm_pretrain.objectives.mlm import MaskingConfig
     from mlm_pretrain.packing import BlockStream, TokenInfo
+    from mlm_pretrain.schema import MaskingRecipe
     from mlm_pretrain.tokenizer import load_tokenizer
 
     torch.set_num_threads(1)
@@ -68,22 +76,22 @@ def loader_speed(args: argparse.Namespace) -> float:
         seed=0,
     )
     batches = MLMBatches(
-        stream, TokenInfo(tokenizer), MaskingConfig(), seed=0, micro_batch_size=args.batch, accumulation=1,
+        stream, TokenInfo(tokenizer), MaskingRecipe(), seed=0, micro_batch_size=args.batch, accumulation=1,
         device="cpu",
     )  # fmt: skip
     for _ in range(5):
         batches.make_step()
-    started, steps = time.perf_counter(), 200
+    started, steps = time.perf_counter(), args.loader_steps
     for _ in range(steps):
         batches.make_step()
     return steps * args.batch * args.seq / (time.perf_counter() - started)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--out", default=str(ROOT / "runs" / "bench-producer"))
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=200)
@@ -92,18 +100,24 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training step")
-    args = parser.parse_args()
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if "Model name" in line), "?")
-    flags = next((line.split(":", 1)[1].split() for line in lscpu.splitlines() if "Flags" in line), [])
-    print(f"CPU: {model}, {os.cpu_count()} cores, amx: {'amx_bf16' in flags}; {time.strftime('%Y-%m-%d')}")
+    parser.add_argument(
+        "--loader-steps", type=int, default=200, help="steps of batches the loader alone makes"
+    )
+    parser.add_argument("--smoke", action="store_true", help="8 steps of a 2x64 model each way, seconds")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.data = str(smoke_data())
+        args.out, args.rounds, args.steps = str(Path(args.data) / "producer"), 1, 8
+        args.seq, args.batch, args.loader_steps = 32, 8, 20
+    print(machine(), flush=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
     print(f"model {args.layers}x{args.hidden}, seq {args.seq}, batch {args.batch}, {args.steps} steps")
 
     results: dict[str, list[dict]] = {"inline": [], "producer": []}
     for round_ in range(args.rounds):
         for side, depth in (("inline", 0), ("producer", 2)):
             out = Path(args.out) / f"{side}-{round_}"
-            subprocess.run(["rm", "-rf", str(out)], check=True)
+            shutil.rmtree(out, ignore_errors=True)
             results[side].append(run(out, depth, args))
             print(f"round {round_ + 1} {side}: {results[side][-1]['ms_per_step']:.1f} ms/step", flush=True)
     inline = statistics.median(r["ms_per_step"] for r in results["inline"])

@@ -231,33 +231,46 @@ def evaluate(objective: torch.nn.Module, recipe: PretrainRecipe, tokenizer, info
     if not micro_batches:
         raise InputError(f"validation text {recipe.data.validation} gave no tokens to evaluate on")
     scores = score_micro_batches(objective, micro_batches, accelerator)
-    loss, correct, masked = scores.sum(0).tolist()
+    loss, correct, masked, *detection = scores.sum(0).tolist()
     if masked == 0:
         raise InputError(f"validation text {recipe.data.validation} has no token to mask")
-    return {
+    metrics = {
         "eval_loss": loss / masked,
         "eval_perplexity": math.exp(loss / masked),
         "eval_accuracy": correct / masked,
         "eval_masked_tokens": int(masked),
     }
+    if detection:  # the discriminator's: its accuracy against always answering "original"
+        detection_loss, calls, real, replaced = detection
+        metrics |= {
+            "eval_detection_loss": detection_loss / real,
+            "eval_detection_accuracy": calls / real,
+            "eval_replaced_fraction": replaced / real,
+        }
+    return metrics
 
 
 @torch.no_grad()
 def score_micro_batches(objective: torch.nn.Module, micro_batches: list, accelerator) -> torch.Tensor:
     """(summed loss, correct predictions, masked tokens) of each micro-batch, one row each, in float64
     on their device, the same table in every process: each scores every world-th micro-batch and the
-    processes add up their tables."""
+    processes add up their tables. An objective with a discriminator (electra) adds its
+    `discriminator_scores` (summed detection loss, correct calls, real tokens, replaced tokens)."""
     world, rank = accelerator.num_processes, accelerator.process_index
-    scores = torch.zeros(len(micro_batches), 3, dtype=torch.float64, device=micro_batches[0].labels.device)
+    detects = hasattr(objective, "discriminator_scores")
+    device = micro_batches[0].labels.device
+    scores = torch.zeros(len(micro_batches), 7 if detects else 3, dtype=torch.float64, device=device)
     objective.eval()
     for first in range(0, len(micro_batches), world):
         index = first + rank
         micro = micro_batches[min(index, len(micro_batches) - 1)]
+        inputs = micro.input_ids, micro.attention_mask, micro.positions, micro.labels
         with accelerator.autocast():
-            loss, correct = objective(micro.input_ids, micro.attention_mask, micro.positions, micro.labels)
+            loss, correct = objective(*inputs)
+            row = [loss.double(), correct.double(), loss.new_tensor(len(micro.labels)).double()]
+            if detects:
+                row += list(objective.discriminator_scores(*inputs).double())
         if index < len(micro_batches):
-            scores[index] = torch.stack(
-                [loss.double(), correct.double(), loss.new_tensor(len(micro.labels)).double()]
-            )
+            scores[index] = torch.stack(row)
     objective.train()
     return accelerator.reduce(scores, "sum") if world > 1 else scores

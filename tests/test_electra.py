@@ -285,6 +285,10 @@ def test_an_electra_run_learns_exports_and_a_killed_one_resumes_bit_identical(tm
     losses = [loss for _, loss in records(straight, "loss")]
     assert len(losses) == 12 and all(map(torch.isfinite, torch.tensor(losses)))
     assert [s for s, _ in records(straight, "eval_loss")] == [6, 12]
+    # the discriminator's scores are logged beside the generator's: calls on every real token
+    replaced = dict(records(straight, "eval_replaced_fraction"))
+    assert 0 < replaced[12] < 0.15  # of the 15% masked, the generator guesses some right
+    assert 0 < dict(records(straight, "eval_detection_accuracy"))[12] <= 1
     _, info = AutoModelForSequenceClassification.from_pretrained(straight / "final", output_loading_info=True)
     assert info["missing_keys"] == {
         "bert.pooler.dense.weight",

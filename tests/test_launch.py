@@ -137,8 +137,15 @@ def test_a_second_job_is_refused_while_the_first_lives_and_a_killed_job_never_bl
         second = pretrain(out, *plan, "--resume", check=False)
         assert second.returncode == 2 and "Traceback" not in second.stderr
         assert f"is in use by pid {first.pid}" in second.stderr
-        word2vec = pretrain(out, "--recipe", str(ROOT / "recipes/word2vec-skipgram.yaml"), check=False)
-        assert word2vec.returncode == 2 and f"is in use by pid {first.pid}" in word2vec.stderr
+        word2vec = subprocess.run(
+            [*cmd[:4], "--recipe", str(ROOT / "recipes/word2vec-skipgram.yaml"), "--out", str(out)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        assert word2vec.returncode == 2 and f"is in use by pid {first.pid}" in word2vec.stderr, (
+            word2vec.stderr
+        )
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()

@@ -9,6 +9,11 @@ def test_ruff_is_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_ruff_format_leaves_every_file_as_it_is():
+    result = subprocess.run(["ruff", "format", "--check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_tokenizers_folder_never_shadows_the_library():
     assert not (ROOT / "tokenizers" / "__init__.py").exists()
     import tokenizers

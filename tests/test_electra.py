@@ -3,7 +3,6 @@ sample corpus, the module alone, then `mlm-pretrain pretrain objective=electra` 
 DDP and FSDP over 2, a killed run resumed)."""
 
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -210,13 +209,13 @@ def test_evaluation_reports_the_generators_mlm_scores_and_the_discriminators_apa
     assert 0.6 < detection / real < 0.8 and 0 <= right <= real
 
 
-def test_sharded_by_fsdp_it_scores_and_exports_as_the_whole_module_does(tokenizer, tmp_path, monkeypatch):
+def test_sharded_by_fsdp_it_scores_and_exports_as_the_whole_module_does(
+    tokenizer, tmp_path, one_process_group
+):
     """FSDP2 over one process (gloo): the shared table in one group with both embeddings and the
     generator's head, `discriminator_scores` gathering its weights as `forward` does, the export from
     the gathered state the same as from the module itself."""
     from types import SimpleNamespace
-
-    import torch.distributed as dist
 
     from mlm_pretrain.parallel import is_sharded, parallelize
     from mlm_pretrain.schema import ImplRecipe
@@ -225,31 +224,17 @@ def test_sharded_by_fsdp_it_scores_and_exports_as_the_whole_module_does(tokenize
     whole, sharded = built(recipe, tokenizer), built(recipe, tokenizer)
     (micro,) = next(steps(recipe, tokenizer)).micro_batches
     args = (micro.input_ids, micro.attention_mask, micro.positions, micro.labels)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-    }.items():
-        monkeypatch.setenv(key, value)
-    dist.init_process_group("gloo")
-    try:
-        accelerator = SimpleNamespace(device=torch.device("cpu"), mixed_precision="no")
-        sharded = parallelize(sharded, ImplRecipe(parallel="fsdp"), accelerator)
-        assert is_sharded(sharded)
-        train_loss(sharded, micro).backward()  # every parameter in some group, gathered when used
-        assert all(p.grad is not None for p in sharded.parameters())
-        with torch.no_grad():
-            assert torch.allclose(sharded.discriminator_scores(*args), whole.discriminator_scores(*args))
-        state = full_state_dict(sharded)
-        whole_state = full_state_dict(whole)
-        assert state.keys() == whole_state.keys()
-        sharded.export(tmp_path / "sharded", state, tokenizer)
-    finally:
-        dist.destroy_process_group()
+    accelerator = SimpleNamespace(device=torch.device("cpu"), mixed_precision="no")
+    sharded = parallelize(sharded, ImplRecipe(parallel="fsdp"), accelerator)
+    assert is_sharded(sharded)
+    train_loss(sharded, micro).backward()  # every parameter in some group, gathered when used
+    assert all(p.grad is not None for p in sharded.parameters())
+    with torch.no_grad():
+        assert torch.allclose(sharded.discriminator_scores(*args), whole.discriminator_scores(*args))
+    state = full_state_dict(sharded)
+    whole_state = full_state_dict(whole)
+    assert state.keys() == whole_state.keys()
+    sharded.export(tmp_path / "sharded", state, tokenizer)
     whole.export(tmp_path / "whole", whole_state, tokenizer)
     for part in ("model.safetensors", "generator/model.safetensors"):
         a, b = load_file(tmp_path / "sharded" / part), load_file(tmp_path / "whole" / part)

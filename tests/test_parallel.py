@@ -157,34 +157,19 @@ def test_fsdp_with_layers_compiled_trains_like_eager(runs, tmp_path):
     assert_losses_match(tmp_path, runs["fsdp"], rel=1e-3)
 
 
-def test_micro_batches_but_the_last_leave_fsdp_gradients_unreduced(monkeypatch):
+def test_micro_batches_but_the_last_leave_fsdp_gradients_unreduced(one_process_group):
     """Under `no_gradient_sync` an FSDP2 module keeps its gradients unsharded and unreduced (no
     sharded .grad appears); the last micro-batch reduces them all at once."""
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
     from mlm_pretrain.parallel import no_gradient_sync
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-        "RANK": "0",
-        "WORLD_SIZE": "1",
-    }.items():
-        monkeypatch.setenv(key, value)
-    dist.init_process_group("gloo")
-    try:
-        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
-        for layer in model:
-            fully_shard(layer)
-        fully_shard(model)
-        with no_gradient_sync(model):
-            model(torch.randn(2, 4)).sum().backward()
-        assert all(p.grad is None for p in model.parameters())
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    for layer in model:
+        fully_shard(layer)
+    fully_shard(model)
+    with no_gradient_sync(model):
         model(torch.randn(2, 4)).sum().backward()
-        assert all(p.grad is not None for p in model.parameters())
-    finally:
-        dist.destroy_process_group()
+    assert all(p.grad is None for p in model.parameters())
+    model(torch.randn(2, 4)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_faults import run_cli
 
 from mlm_pretrain.errors import InputError
 from mlm_pretrain.objectives.mlm import mask_batch
@@ -24,17 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY_RECIPE = ROOT / "recipes" / "tiny.yaml"
 WORD2VEC_RECIPE = ROOT / "recipes" / "word2vec-skipgram.yaml"
 TOKENIZER = ROOT / "tokenizers" / "default-wordpiece-8k"
-
-
-def run_cli(*argv: str) -> subprocess.CompletedProcess:
-    """`python -m mlm_pretrain ARGV` as a user runs it, offline."""
-    return subprocess.run(
-        [sys.executable, "-m", "mlm_pretrain", *argv],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
-    )
 
 
 # --- numbers on the command line and in recipe files ---

@@ -30,6 +30,14 @@ def test_the_demo_leaves_a_run_directory_another_job_holds_alone(tmp_path, capsy
     assert not (tmp_path / "tokenizer").exists()  # refused before anything ran
 
 
+@pytest.mark.parametrize("option", ["--tokens", "--seeds"])
+def test_the_demo_refuses_an_empty_budget_before_anything_runs(option, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "SUBCOMMANDS", ["demo"])
+    assert cli.main(["demo", "--out", str(tmp_path), option, "0"]) == 2
+    assert f"{option} must be at least 1" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_the_demo_starts_over_holding_the_run_directory(tmp_path):
     from mlm_pretrain.cli.demo import start_over
 
@@ -50,10 +58,10 @@ def test_demo_runs_the_whole_pipeline_and_prints_the_comparison(tmp_path):
             "demo",
             "--out",
             str(tmp_path),
-            "--minutes",
-            "0.3",
+            "--tokens",
+            "60000",
             "--seeds",
-            "1",
+            "2",
         ],
         cwd=tmp_path,
         capture_output=True,
@@ -61,9 +69,10 @@ def test_demo_runs_the_whole_pipeline_and_prints_the_comparison(tmp_path):
         timeout=900,  # not the repo: the package must suffice
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    table = result.stdout[result.stdout.index("| model | score | learning rate |") :]
-    cells = [[cell.strip() for cell in line.split("|")[1:4]] for line in table.splitlines()[2:5]]
-    rows = {name: float(score) for name, score, _ in cells}
+    assert "on 60,000 tokens" in result.stdout
+    table = result.stdout[result.stdout.index("| model | score | seeds | learning rate |") :]
+    cells = [[cell.strip() for cell in line.split("|")[1:5]] for line in table.splitlines()[2:5]]
+    rows = {name: float(score) for name, score, _, _ in cells}
     assert set(rows) == {
         "our pretrained checkpoint",
         "same architecture, random init",
@@ -71,17 +80,31 @@ def test_demo_runs_the_whole_pipeline_and_prints_the_comparison(tmp_path):
     }
     assert all(0.3 < score <= 1.0 for score in rows.values())
     assert rows["TF-IDF + logistic regression"] > 0.65  # a real baseline on real data
-    assert all(lr in ("0.0003", "0.001") for _, _, lr in cells[:2])  # each encoder's pick from one grid
-    for side in ("pretrained", "random-init"):
-        saved = json.loads((tmp_path / f"finetune-{side}" / "results.json").read_text())
-        assert [entry["lr"] for entry in saved["grid"]] == [3e-4, 1e-3]
+    assert all(lr in ("0.0003", "0.001") for *_, lr in cells[:2])  # each encoder's pick from one grid
+
+    saved = json.loads((tmp_path / "finetune" / "results.json").read_text())
+    assert saved["config"]["pooling"] == "mean"
+    for side, (name, _, spread, _) in zip((saved, saved["random_init"]), cells[:2], strict=True):
+        scores = sorted(run["scores"]["test"]["score"] for run in side["seeds"])
+        assert len(scores) == 2 and spread == f"{scores[0]:.4f}-{scores[-1]:.4f}", name
+    # the verdict line follows the seeds: one of three readings, the one the scores imply
+    ours = [run["scores"]["test"]["score"] for run in saved["seeds"]]
+    scratch = [run["scores"]["test"]["score"] for run in saved["random_init"]["seeds"]]
+    expected = (
+        "beyond the seed spread"
+        if min(ours) > max(scratch)
+        else "pretraining hurt"
+        if min(scratch) > max(ours)
+        else "within the seed spread"
+    )
+    assert expected in table
     for path in (
         "tokenizer/tokenizer.json",
         "pretrain/final/model.safetensors",
         "pretrain/loss_curve.png",
-        "finetune-pretrained/results.md",
-        "finetune-random-init/results.json",
+        "finetune/results.md",
+        "finetune/model/model.safetensors",
     ):
         assert (tmp_path / path).exists(), path
-    assert "## Fine-tuning results" in (tmp_path / "finetune-pretrained/pretrained_model_card.md").read_text()
+    assert "## Fine-tuning results" in (tmp_path / "finetune/pretrained_model_card.md").read_text()
     assert "## Fine-tuning results" not in (tmp_path / "pretrain/final/README.md").read_text()

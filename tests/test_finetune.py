@@ -409,3 +409,100 @@ def test_the_cli_fine_tunes_on_a_glue_copy_and_reports_the_official_metrics(
     assert saved["metrics"] == ["f1", "accuracy"] and saved["source"] == str(tmp_path / "glue" / "mrpc")
     (scores,) = [run["scores"] for run in saved["seeds"]]
     assert list(scores) == ["validation"] and {"f1", "accuracy", "score"} <= set(scores["validation"])
+
+
+def test_mean_pooling_learns_and_is_saved_in_the_config_a_plain_load_uses(tmp_path):
+    from conftest import build_tiny_checkpoint
+    from transformers import AutoModelForSequenceClassification
+
+    from mlm_pretrain.models import build_model
+    from mlm_pretrain.schema import ModelRecipe
+    from mlm_pretrain.tokenizer import load_tokenizer
+
+    model_dir = build_tiny_checkpoint(tmp_path / "modernbert")  # its tokenizer; the BERT is replaced
+    tokenizer = load_tokenizer(model_dir)
+    recipe = ModelRecipe(type="modernbert", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
+    build_model(recipe, tokenizer, 128).save_pretrained(model_dir)
+    config = FinetuneConfig(epochs=3, lrs=(1e-3,), batch_size=16, max_length=32, pooling="mean")
+    out = tmp_path / "out"
+    result = finetune(model_dir, keyword_task(tmp_path / "task"), out, seeds=1, config=config, baseline=False)
+
+    assert result["median"]["test"] > 0.9
+    loaded = AutoModelForSequenceClassification.from_pretrained(out / "model")
+    assert loaded.config.classifier_pooling == "mean"
+
+
+def test_mean_pooling_of_a_model_without_it_is_refused_naming_the_model(model_dir):
+    config = FinetuneConfig(epochs=1, lrs=(1e-3,), pooling="mean")
+    with pytest.raises(InputError, match=f"{re.escape(str(model_dir))}: pooling 'mean' needs"):
+        finetune(model_dir, str(DATA / "trec"), seeds=1, config=config)
+
+
+@pytest.mark.parametrize(
+    ("ours", "scratch", "verdict"),
+    [
+        (
+            [0.71, 0.72, 0.74],
+            [0.68, 0.70, 0.705],
+            "every pretrained seed scores above every random-init seed: beyond",
+        ),
+        (
+            [0.70, 0.72, 0.74],
+            [0.68, 0.70, 0.71],
+            "the two sides' seeds overlap: within the seed spread, not a sure",
+        ),
+        (
+            [0.60, 0.62, 0.63],
+            [0.68, 0.70, 0.71],
+            "every random-init seed scores above every pretrained seed: pretra",
+        ),
+    ],
+)
+def test_the_gain_over_random_init_says_whether_it_is_beyond_the_seed_spread(ours, scratch, verdict):
+    import statistics
+
+    from mlm_pretrain.finetune.results import gain_over_random_init
+
+    def side(scores: list[float]) -> dict:
+        seeds = [{"scores": {"test": {"score": score}}} for score in scores]
+        return {"seeds": seeds, "median": {"test": statistics.median(scores)}}
+
+    reading = gain_over_random_init({**side(ours), "random_init": side(scratch)}, "test")
+    gain = 100 * (statistics.median(ours) - statistics.median(scratch))
+    ranges = f"({min(ours):.4f}-{max(ours):.4f} against {min(scratch):.4f}-{max(scratch):.4f})"
+    assert reading.startswith(f"pretraining {gain:+.1f} points at the median {ranges}; {verdict}")
+
+
+def test_layer_decay_gives_each_layer_its_fraction_of_the_scheduled_rate(tiny_checkpoint):
+    from mlm_pretrain.finetune.train import build_classifier, layer_decay_scale
+    from mlm_pretrain.optim import build_optimizer, set_lr
+
+    model = build_classifier(tiny_checkpoint, load_task(str(DATA / "rt_sentiment")))
+    optimizer = build_optimizer(model, 1e-3, lr_scale=layer_decay_scale(model.config.num_hidden_layers, 0.5))
+    set_lr(optimizer, 1e-3)
+    rate = {id(param): group["lr"] for group in optimizer.param_groups for param in group["params"]}
+    named = dict(model.named_parameters())
+    # 2 layers: embeddings 0.5^3 of the peak, layer 0 0.5^2, layer 1 0.5, the head and pooler the peak
+    assert rate[id(named["bert.embeddings.word_embeddings.weight"])] == pytest.approx(1.25e-4)
+    assert rate[id(named["bert.encoder.layer.0.attention.self.query.weight"])] == pytest.approx(2.5e-4)
+    assert rate[id(named["bert.encoder.layer.1.output.dense.bias"])] == pytest.approx(5e-4)
+    assert rate[id(named["classifier.weight"])] == rate[id(named["bert.pooler.dense.weight"])] == 1e-3
+    assert len(rate) == len(named)  # every parameter in exactly one group
+    decayed = {id(p) for group in optimizer.param_groups if group["weight_decay"] for p in group["params"]}
+    assert decayed == {id(param) for param in named.values() if param.ndim >= 2}
+
+
+def test_layer_decay_reads_modernbert_names_too():
+    from mlm_pretrain.finetune.train import layer_decay_scale
+
+    scale = layer_decay_scale(2, 0.5)
+    rates = {
+        "model.embeddings.tok_embeddings.weight": 0.125,
+        "model.layers.0.attn.Wqkv.weight": 0.25,
+        "model.layers.1.mlp.Wo.weight": 0.5,
+        "model.final_norm.weight": 1.0,
+        "head.dense.weight": 1.0,
+        "classifier.bias": 1.0,
+    }
+    assert {name: scale(name) for name in rates} == rates
+    assert layer_decay_scale(2, 1.0)("model.embeddings.tok_embeddings.weight") == 1.0

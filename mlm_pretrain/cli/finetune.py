@@ -63,6 +63,20 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-length", type=int, default=128, help="tokens per example, longer ones truncated")
     p.add_argument("--mixed-precision", choices=("no", "bf16"), default="no")
     p.add_argument(
+        "--pooling",
+        choices=("cls", "mean"),
+        default="cls",
+        help="the classifier's input: the first token's state (default) or the mean over the tokens "
+        "(ModernBERT's `classifier_pooling`, saved in the fine-tuned model's config)",
+    )
+    p.add_argument(
+        "--layer-decay",
+        type=float,
+        default=1.0,
+        help="layer-wise learning-rate decay: each layer learns at this fraction of the rate of the one "
+        "above, the classifier at the peak (default 1.0: every layer at the peak; ELECTRA used 0.8)",
+    )
+    p.add_argument(
         "--threads", type=int, help="torch threads (default: all cores; 1 is best for tiny models)"
     )
     p.add_argument(
@@ -94,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("seeds", "epochs", "batch_size", "max_length"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 < args.layer_decay <= 1:
+        raise InputError(f"--layer-decay must be in (0, 1], got {args.layer_decay:g}")
     if args.push and not args.out:
         raise InputError("--push needs --out: the fine-tuned model is saved there, then pushed")
     text_fields = tuple(field.strip() for field in args.text_fields.split(",")) if args.text_fields else None
@@ -115,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         mixed_precision=args.mixed_precision,
         threads=args.threads,
+        pooling=args.pooling,
+        layer_decay=args.layer_decay,
     )
     result = finetune(
         args.model,

@@ -45,6 +45,25 @@ def results_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def gain_over_random_init(result: dict, split: str) -> str:
+    """How sure the gain of pretraining is on `split`, in words: the difference of the medians, and
+    whether every seed of one side scores above every seed of the other (beyond the seed spread) or
+    the two sides' seeds overlap (within it: another set of seeds could reverse the order)."""
+    ours = [run["scores"][split]["score"] for run in result["seeds"]]
+    scratch = [run["scores"][split]["score"] for run in result["random_init"]["seeds"]]
+    gain = 100 * (result["median"][split] - result["random_init"]["median"][split])
+    if min(ours) > max(scratch):
+        verdict = "every pretrained seed scores above every random-init seed: beyond the seed spread"
+    elif min(scratch) > max(ours):
+        verdict = "every random-init seed scores above every pretrained seed: pretraining hurt"
+    else:
+        verdict = "the two sides' seeds overlap: within the seed spread, not a sure difference"
+    return (
+        f"pretraining {gain:+.1f} points at the median ({min(ours):.4f}-{max(ours):.4f} against "
+        f"{min(scratch):.4f}-{max(scratch):.4f}); {verdict}"
+    )
+
+
 def _baseline_cell(result: dict, split: str) -> str:
     baseline = result.get("baseline")
     return "—" if baseline is None else f"{baseline['scores'][split]['score']:.4f}"
@@ -88,7 +107,10 @@ def write_results(result: dict, out_dir: str | Path) -> None:
             f"Fine-tuned model: `{saved['path']}`, seed {saved['seed']} (the best of these on validation)."
         )
     lines += [f"Note: {note}." for note in result["notes"]]
-    lines += ["", results_table(result), "", f"![scores per seed]({PLOT})", ""]
+    lines += ["", results_table(result), ""]
+    if result.get("random_init"):
+        lines += [f"{split}: {gain_over_random_init(result, split)}." for split in result["median"]] + [""]
+    lines += [f"![scores per seed]({PLOT})", ""]
     (out_dir / "results.md").write_text("\n".join(lines))
     plot_results([result], out_dir / PLOT)
 

@@ -16,9 +16,10 @@ import json
 import logging
 import math
 import random
+import re
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,6 +58,12 @@ class FinetuneConfig:
     # small model than 2 threads waiting for each other behind other processes.
     threads: int | None = None
     eval_batch_size: int = 128
+    # The classifier's input: the first token's state, or the mean over the sequence's tokens. Set through
+    # the model's own `classifier_pooling` (ModernBERT), so the export loads with no project code.
+    pooling: str = "cls"
+    # Layer-wise learning-rate decay: each encoder layer learns at this fraction of the rate of the one
+    # above it, the classifier at the peak rate (ELECTRA's fine-tuning; 1.0: every layer at the peak).
+    layer_decay: float = 1.0
 
 
 @dataclass
@@ -87,11 +94,16 @@ def load_tokenizer(model_dir: str | Path):
     return tokenizer
 
 
-def build_classifier(model_dir: str | Path, task: Task, from_scratch: bool = False):
+def build_classifier(model_dir: str | Path, task: Task, from_scratch: bool = False, pooling: str = "cls"):
     """The checkpoint with a fresh classification (or regression) head, or, `from_scratch`, the same
     architecture with every weight freshly initialised: the baseline that shows what pretraining adds."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
+    if pooling != "cls" and not hasattr(AutoConfig.from_pretrained(model_dir), "classifier_pooling"):
+        raise InputError(
+            f"{model_dir}: pooling {pooling!r} needs a model whose config has `classifier_pooling` "
+            "(ModernBERT); this one classifies from its first token only"
+        )
     options = {
         "num_labels": task.num_labels,
         "problem_type": "regression" if task.is_regression else "single_label_classification",
@@ -99,11 +111,30 @@ def build_classifier(model_dir: str | Path, task: Task, from_scratch: bool = Fal
     if task.label_names is not None:
         options["id2label"] = dict(enumerate(task.label_names))
         options["label2id"] = {name: i for i, name in enumerate(task.label_names)}
+    if pooling != "cls":
+        options["classifier_pooling"] = pooling
     if from_scratch:
         return AutoModelForSequenceClassification.from_config(
             AutoConfig.from_pretrained(model_dir, **options)
         )
     return AutoModelForSequenceClassification.from_pretrained(model_dir, **options)
+
+
+def layer_decay_scale(layers: int, decay: float) -> Callable[[str], float]:
+    """A parameter's learning rate as a fraction of the peak, by its name: `decay` to the power of its
+    distance from the top, counting the embeddings as the bottom layer and the classifier head (and
+    anything else outside the numbered layers, as a final norm) as the top."""
+
+    def scale(name: str) -> float:
+        if "embeddings" in name:
+            depth = 0
+        elif numbered := re.search(r"\.layers?\.(\d+)\.", name):
+            depth = int(numbered.group(1)) + 1
+        else:
+            depth = layers + 1
+        return decay ** (layers + 1 - depth)
+
+    return scale
 
 
 def finetune(
@@ -303,9 +334,10 @@ def run_seed(
     set_seed(seed)
     if config.threads:
         torch.set_num_threads(config.threads)
-    model = build_classifier(model_dir, task, from_scratch)
+    model = build_classifier(model_dir, task, from_scratch, config.pooling)
     accelerator = Accelerator(mixed_precision=config.mixed_precision)
-    optimizer = build_optimizer(model, lr, config.weight_decay)
+    scale = layer_decay_scale(model.config.num_hidden_layers, config.layer_decay)
+    optimizer = build_optimizer(model, lr, config.weight_decay, lr_scale=scale)
     model, optimizer = accelerator.prepare(model, optimizer)
     train, labels = encoded.train, task.train.labels
     lengths = [len(example["input_ids"]) for example in train]

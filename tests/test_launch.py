@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_faults import run_cli
 from test_trainer import ROOT, TINY, pretrain, records
 from transformers import AutoModelForMaskedLM
 
@@ -137,11 +138,8 @@ def test_a_second_job_is_refused_while_the_first_lives_and_a_killed_job_never_bl
         second = pretrain(out, *plan, "--resume", check=False)
         assert second.returncode == 2 and "Traceback" not in second.stderr
         assert f"is in use by pid {first.pid}" in second.stderr
-        word2vec = subprocess.run(
-            [*cmd[:4], "--recipe", str(ROOT / "recipes/word2vec-skipgram.yaml"), "--out", str(out)],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
+        word2vec = run_cli(
+            "pretrain", "--recipe", str(ROOT / "recipes/word2vec-skipgram.yaml"), "--out", str(out)
         )
         assert word2vec.returncode == 2 and f"is in use by pid {first.pid}" in word2vec.stderr, (
             word2vec.stderr

@@ -71,7 +71,7 @@ def start_over(run_dir: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     from mlm_pretrain.corpus import PACKAGE_DATA, TextStream
     from mlm_pretrain.finetune import FinetuneConfig, finetune, load_task
-    from mlm_pretrain.finetune.results import gain_over_random_init
+    from mlm_pretrain.finetune.results import gain_over_random_init, seed_range
     from mlm_pretrain.recipe import load_recipe
     from mlm_pretrain.schema import PretrainRecipe
     from mlm_pretrain.tokenizer import train_tokenizer
@@ -135,9 +135,7 @@ def run(args: argparse.Namespace) -> int:
 
     split = next(iter(result["median"]))
     sides = (("our pretrained checkpoint", result), ("same architecture, random init", result["random_init"]))
-    rows = [
-        (name, side["median"][split], _seed_range(side, split), f"{side['lr']:g}") for name, side in sides
-    ]
+    rows = [(name, side["median"][split], seed_range(side, split), f"{side['lr']:g}") for name, side in sides]
     rows.append(("TF-IDF + logistic regression", result["baseline"]["scores"][split]["score"], "—", "—"))
     print(
         f"\n{task.name}, {split} split, {'/'.join(task.metrics)} (encoders: median of {args.seeds} seeds at "
@@ -152,8 +150,3 @@ def run(args: argparse.Namespace) -> int:
         f"tables: {out}/finetune/results.md"
     )
     return 0
-
-
-def _seed_range(result: dict, split: str) -> str:
-    scores = [run["scores"][split]["score"] for run in result["seeds"]]
-    return f"{min(scores):.4f}-{max(scores):.4f}"

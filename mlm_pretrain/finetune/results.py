@@ -45,6 +45,12 @@ def results_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def seed_range(side: dict, split: str) -> str:
+    """The lowest and highest seed score of one side (a results dict or its `random_init`) on `split`."""
+    scores = [run["scores"][split]["score"] for run in side["seeds"]]
+    return f"{min(scores):.4f}-{max(scores):.4f}"
+
+
 def gain_over_random_init(result: dict, split: str) -> str:
     """How sure the gain of pretraining is on `split`, in words: the difference of the medians, and
     whether every seed of one side scores above every seed of the other (beyond the seed spread) or
@@ -58,10 +64,8 @@ def gain_over_random_init(result: dict, split: str) -> str:
         verdict = "every random-init seed scores above every pretrained seed: pretraining hurt"
     else:
         verdict = "the two sides' seeds overlap: within the seed spread, not a sure difference"
-    return (
-        f"pretraining {gain:+.1f} points at the median ({min(ours):.4f}-{max(ours):.4f} against "
-        f"{min(scratch):.4f}-{max(scratch):.4f}); {verdict}"
-    )
+    ranges = f"{seed_range(result, split)} against {seed_range(result['random_init'], split)}"
+    return f"pretraining {gain:+.1f} points at the median ({ranges}); {verdict}"
 
 
 def _baseline_cell(result: dict, split: str) -> str:

@@ -240,14 +240,22 @@ def evaluate(objective: torch.nn.Module, recipe: PretrainRecipe, tokenizer, info
         "eval_accuracy": correct / masked,
         "eval_masked_tokens": int(masked),
     }
-    if detection:  # the discriminator's: its accuracy against always answering "original"
+    if detection:
         detection_loss, calls, real, replaced = detection
         metrics |= {
             "eval_detection_loss": detection_loss / real,
             "eval_detection_accuracy": calls / real,
             "eval_replaced_fraction": replaced / real,
+            # what a discriminator that learned nothing scores: always the replaced fraction's odds, so
+            # the two losses (and accuracy against 1 - replaced fraction) say whether detection learns
+            "eval_detection_baseline_loss": binary_entropy(replaced / real),
         }
     return metrics
+
+
+def binary_entropy(p: float) -> float:
+    """Cross-entropy in nats of always predicting probability `p` for labels whose mean is `p`."""
+    return 0.0 if p <= 0 or p >= 1 else -(p * math.log(p) + (1 - p) * math.log(1 - p))
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ from mlm_pretrain.schema import (
     PretrainRecipe,
 )
 from mlm_pretrain.tokenizer import load_tokenizer
+from mlm_pretrain.trainer import binary_entropy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
@@ -209,6 +210,16 @@ def test_evaluation_reports_the_generators_mlm_scores_and_the_discriminators_apa
     assert 0.6 < detection / real < 0.8 and 0 <= right <= real
 
 
+def test_the_detection_baseline_is_the_loss_of_always_answering_the_replaced_fraction():
+    replaced = torch.tensor([1.0, 0, 0, 0, 1, 0, 0, 0, 0, 0])
+    fraction = replaced.mean()
+    constant = torch.nn.functional.binary_cross_entropy_with_logits(
+        torch.full_like(replaced, float(torch.logit(fraction))), replaced
+    )
+    assert binary_entropy(float(fraction)) == pytest.approx(float(constant))
+    assert binary_entropy(0.0) == binary_entropy(1.0) == 0.0
+
+
 def test_sharded_by_fsdp_it_scores_and_exports_as_the_whole_module_does(
     tokenizer, tmp_path, one_process_group
 ):
@@ -274,6 +285,8 @@ def test_an_electra_run_learns_exports_and_a_killed_one_resumes_bit_identical(tm
     replaced = dict(records(straight, "eval_replaced_fraction"))
     assert 0 < replaced[12] < 0.15  # of the 15% masked, the generator guesses some right
     assert 0 < dict(records(straight, "eval_detection_accuracy"))[12] <= 1
+    baseline = dict(records(straight, "eval_detection_baseline_loss"))[12]
+    assert baseline == pytest.approx(binary_entropy(replaced[12]))
     _, info = AutoModelForSequenceClassification.from_pretrained(straight / "final", output_loading_info=True)
     assert info["missing_keys"] == {
         "bert.pooler.dense.weight",

@@ -144,7 +144,7 @@ def table(out: Path, tasks: list[str], png: Path) -> None:
         if t in baselines:
             ax.axhline(baselines[t], color="gray", linestyle="--", label="TF-IDF + logistic regression")
         ax.set_title(t)
-        ax.set_xlabel("pretraining minutes on 2 cores (0 = random init)")
+        ax.set_xlabel("pretraining minutes (0 = random init)")
         ax.set_ylabel("test F1" if t == "sms_spam" else "test accuracy")
     axes[0][0].legend(fontsize=7)
     save_figure(fig, png, machine().split(";")[0])

@@ -41,3 +41,10 @@ def corpus_overrides(args: argparse.Namespace, prefix: str = "") -> list[str]:
     if args.text_field:
         out.append(f"{prefix}text_field={args.text_field}")
     return out
+
+
+def require_at_least_one(args: argparse.Namespace, *names: str) -> None:
+    """Refuse a count option below 1 (--seeds 0, ...), naming it, before any work starts."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mlm_pretrain.errors import InputError
+from mlm_pretrain.cli.common import require_at_least_one
 
 DEFAULT_TOKENS = 3_000_000
 
@@ -69,6 +69,7 @@ def start_over(run_dir: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    require_at_least_one(args, "tokens", "seeds")
     from mlm_pretrain.corpus import PACKAGE_DATA, TextStream
     from mlm_pretrain.finetune import FinetuneConfig, finetune, load_task
     from mlm_pretrain.finetune.results import gain_over_random_init, seed_range
@@ -77,9 +78,6 @@ def run(args: argparse.Namespace) -> int:
     from mlm_pretrain.tokenizer import train_tokenizer
     from mlm_pretrain.trainer import pretrain
 
-    for name in ("tokens", "seeds"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name} must be at least 1")
     out = Path(args.out)
     start_over(out / "pretrain")
     tokenizer_dir = out / "tokenizer"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from mlm_pretrain.cli.common import require_at_least_one
 from mlm_pretrain.errors import InputError
 
 
@@ -105,9 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from mlm_pretrain.finetune import FinetuneConfig, finetune, load_task
     from mlm_pretrain.finetune.results import lr_choice, results_table
 
-    for name in ("seeds", "epochs", "batch_size", "max_length"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1")
+    require_at_least_one(args, "seeds", "epochs", "batch_size", "max_length")
     if not 0 < args.layer_decay <= 1:
         raise InputError(f"--layer-decay must be in (0, 1], got {args.layer_decay:g}")
     if args.push and not args.out:
